@@ -1,0 +1,90 @@
+/* bnorm: batch-normalization kernels for CPUs (f32, NCHW and NHWC).
+ *
+ * This header is the ABI. Every function validates its arguments first and,
+ * on any error, returns a status without writing to any output. The text of
+ * the last error in the calling thread is available from
+ * bnorm_last_error_message(). */
+#ifndef BNORM_BNORM_H
+#define BNORM_BNORM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define BNORM_API
+#else
+#define BNORM_API __attribute__((visibility("default")))
+#endif
+
+typedef enum bnorm_status {
+  BNORM_SUCCESS = 0,
+  BNORM_INVALID_ARGUMENT = 1,
+  BNORM_UNSUPPORTED = 2,
+  BNORM_OUT_OF_MEMORY = 3,
+} bnorm_status;
+
+/* NCHW is x[n][c][s], NHWC is x[n][s][c]; s runs over the product of the
+ * spatial sizes (H*W, D*H*W, or 1 for (N, C) input). */
+typedef enum bnorm_layout { BNORM_NCHW = 0, BNORM_NHWC = 1 } bnorm_layout;
+
+typedef struct bnorm_shape {
+  int64_t n, c, spatial;
+  bnorm_layout layout;
+} bnorm_shape;
+
+enum {
+  /* y = max(y, 0); training writes a bit mask (bit i%8 of byte i/8 for the
+   * element at memory index i, set iff y > 0) that backward reads. */
+  BNORM_FUSE_RELU = 1u,
+  /* backward: mean and var are constants (frozen statistics). */
+  BNORM_GLOBAL_STATS = 2u
+};
+
+/* Batch statistics (population variance) and y = gamma*(x-mean)/sqrt(var+eps)
+ * + beta. gamma == NULL means 1, beta == NULL means 0. y may equal x. */
+BNORM_API bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps,
+                                              unsigned flags, const float* x,
+                                              const float* gamma, const float* beta,
+                                              float* y, float* mean, float* var,
+                                              uint8_t* relu_mask);
+
+/* y = gamma*(x-mean)/sqrt(var+eps) + beta with the given statistics. */
+BNORM_API bnorm_status bnorm_forward_inference(const bnorm_shape* shape, float eps,
+                                               unsigned flags, const float* x,
+                                               const float* gamma, const float* beta,
+                                               const float* mean, const float* var,
+                                               float* y);
+
+/* dx, and dgamma = sum(dy*xhat), dbeta = sum(dy) where those are not NULL.
+ * dx may equal dy. */
+BNORM_API bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
+                                      const float* x, const float* dy,
+                                      const float* gamma, const float* mean,
+                                      const float* var, const uint8_t* relu_mask,
+                                      float* dx, float* dgamma, float* dbeta);
+
+/* running = (1-momentum)*running + momentum*batch, with the unbiased variance
+ * var*count/(count-1) for running_var. count >= 2. */
+BNORM_API bnorm_status bnorm_update_running_stats(int64_t c, int64_t count, float momentum,
+                                                  const float* mean, const float* var,
+                                                  float* running_mean, float* running_var);
+
+/* Never NULL. */
+BNORM_API const char* bnorm_status_string(bnorm_status status);
+
+/* The instruction set in use: "sse2", "avx2" or "avx512". Chosen once per
+ * process; the environment variable BNORM_ISA may force a lower one. */
+BNORM_API const char* bnorm_isa(void);
+
+/* Why the last call in this thread failed ("" if it succeeded). Never NULL. */
+BNORM_API const char* bnorm_last_error_message(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* BNORM_BNORM_H */
