@@ -1,0 +1,629 @@
+// The operators of the C ABI: argument checks, the split of a tensor into
+// regions, OpenMP threading, and the per-channel arithmetic between the
+// passes (merging moments, scale/shift, backward coefficients).
+//
+// Reproducibility. Every reduction is split into regions ("chunks") fixed by
+// the tensor's shape; each chunk's moments or sums come from one microkernel
+// call, the chunks are merged in order into at most kMaxSlices slices, and
+// the slices in order into the channel's result. Threads only decide who
+// computes which chunk, never the order of the arithmetic, so every output is
+// bitwise the same for any thread count and any run (for one instruction set).
+#include <omp.h>
+
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+
+#include "bnorm/bnorm.h"
+#include "kernel_table.hpp"
+
+namespace bnorm {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Errors: a status for the caller, a message for bnorm_last_error_message().
+
+thread_local char g_message[256];
+
+bnorm_status fail(bnorm_status status, const char* format, ...) {
+  va_list args;
+  va_start(args, format);
+  std::vsnprintf(g_message, sizeof g_message, format, args);
+  va_end(args);
+  return status;
+}
+
+bnorm_status succeed() {
+  g_message[0] = '\0';
+  return BNORM_SUCCESS;
+}
+
+// ---------------------------------------------------------------------------
+// The split of a tensor into chunks, from its shape alone.
+
+// NCHW chunks hold at most this many values of one channel (16 KiB, a third
+// of a 48 KiB L1d: the moments kernel's second pass then reads L1).
+constexpr int64_t kChunkValues = 4096;
+// NHWC chunks are this many rows of at most kColumnBlock channels: again
+// 16 KiB, and 64 channels are four AVX-512 vectors, enough independent
+// accumulators to hide the add latency.
+constexpr int64_t kChunkRows = 64;
+constexpr int64_t kColumnBlock = 64;
+// At most this many slices per channel: enough parallelism for 64 threads on
+// a single channel, and scratch of at most kMaxSlices x C partial moments.
+constexpr int64_t kMaxSlices = 64;
+// Below this many bytes per thread, another thread costs more than it saves.
+constexpr int64_t kBytesPerThread = 256 * 1024;
+
+struct plan {
+  int64_t c, spatial;
+  bool nhwc;          // (N, C) input (spatial == 1) is NHWC whatever the layout says
+  int64_t count;      // values per channel: n * spatial
+  int64_t rows;       // NHWC: n * spatial rows of c; NCHW: n rows of spatial per channel
+  int64_t stride;     // floats between rows: c (NHWC) or c * spatial (NCHW)
+  int64_t row_chunk;  // NCHW: whole rows per chunk, or 0 when rows are cut into pieces
+  int64_t pieces;     // NCHW: chunks per row when rows are cut
+  int64_t chunks;     // chunks per channel (NCHW) or per column block (NHWC)
+  int64_t slices;
+};
+
+plan make_plan(const bnorm_shape& s) {
+  plan p{};
+  p.c = s.c;
+  p.spatial = s.spatial;
+  p.nhwc = s.layout == BNORM_NHWC || s.spatial == 1;
+  p.count = s.n * s.spatial;
+  if (p.nhwc) {
+    p.rows = p.count;
+    p.stride = s.c;
+    p.chunks = (p.rows + kChunkRows - 1) / kChunkRows;
+  } else {
+    p.rows = s.n;
+    p.stride = s.c * s.spatial;
+    if (s.spatial <= kChunkValues) {
+      p.row_chunk = kChunkValues / s.spatial;
+      p.chunks = (s.n + p.row_chunk - 1) / p.row_chunk;
+    } else {
+      p.pieces = (s.spatial + kChunkValues - 1) / kChunkValues;
+      p.chunks = s.n * p.pieces;
+    }
+  }
+  p.slices = p.chunks < kMaxSlices ? p.chunks : kMaxSlices;
+  return p;
+}
+
+// Chunk k of an NCHW channel: its region and its offset from the channel's
+// first value.
+int64_t nchw_chunk(const plan& p, int64_t k, region* r) {
+  if (p.row_chunk > 0) {
+    const int64_t row = k * p.row_chunk;
+    *r = {std::min(p.row_chunk, p.rows - row), p.spatial, p.stride};
+    return row * p.stride;
+  }
+  const int64_t row = k / p.pieces, col = (k % p.pieces) * kChunkValues;
+  *r = {1, std::min(kChunkValues, p.spatial - col), p.stride};
+  return row * p.stride + col;
+}
+
+// Chunk k of NHWC column block [col, col + cols).
+int64_t nhwc_chunk(const plan& p, int64_t k, int64_t col, region* r) {
+  const int64_t row = k * kChunkRows;
+  *r = {std::min(kChunkRows, p.rows - row), std::min(kColumnBlock, p.c - col), p.stride};
+  return row * p.stride + col;
+}
+
+int64_t slice_begin(const plan& p, int64_t slice) { return slice * p.chunks / p.slices; }
+
+int threads_for(int64_t bytes) {
+  const int64_t useful = bytes / kBytesPerThread;
+  const int max_threads = omp_get_max_threads();
+  return useful < 1 ? 1 : (useful < max_threads ? static_cast<int>(useful) : max_threads);
+}
+
+// ---------------------------------------------------------------------------
+// Moments: merging and their use.
+
+// Moments of n values (n == 0: nothing yet).
+struct partial {
+  moments m;
+  double n;
+};
+
+// Chan, Golub & LeVeque's pairwise update: the moments of the union.
+void merge(partial& a, const moments& b, double nb) {
+  if (a.n == 0) {
+    a = {b, nb};
+    return;
+  }
+  const double n = a.n + nb;
+  const double delta = b.mean - a.m.mean;
+  a.m.mean += delta * (nb / n);
+  a.m.m2 += b.m2 + delta * delta * (a.n * nb / n);
+  a.n = n;
+}
+
+// mean and population variance; NaN for both if the data held inf or NaN.
+void finish_moments(const partial& a, float* mean, float* var) {
+  const double v = a.m.m2 / a.n;
+  if (std::isfinite(a.m.mean) && std::isfinite(v)) {
+    *mean = static_cast<float>(a.m.mean);
+    *var = static_cast<float>(v);
+  } else {
+    *mean = *var = std::numeric_limits<float>::quiet_NaN();
+  }
+}
+
+// y = (x - mean) * scale + shift with scale = gamma / sqrt(var + eps) and
+// shift = beta. Dividing by the rounded sqrt (not multiplying by a rounded
+// reciprocal) makes scale exactly 1 when gamma == sqrtf(var + eps), so the
+// identity gamma = sqrt(var + eps), beta = mean gives y == x up to the one
+// rounding of (x - mean) + mean.
+void scale_shift(const float* gamma, const float* beta, float var, float eps, int64_t c,
+                 float* scale, float* shift) {
+  scale[c] = (gamma ? gamma[c] : 1.f) / std::sqrt(var + eps);
+  shift[c] = beta ? beta[c] : 0.f;
+}
+
+// NCHW: the moments of slice `slice` of channel c.
+partial nchw_slice_moments(const kernel_table& k, const plan& p, const float* channel,
+                           int64_t slice) {
+  partial acc{{0, 0}, 0};
+  for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch) {
+    region r;
+    const int64_t at = nchw_chunk(p, ch, &r);
+    merge(acc, k.moments_nchw(channel + at, r), static_cast<double>(r.rows * r.cols));
+  }
+  return acc;
+}
+
+// NHWC: the moments of slice `slice` of every channel, into acc[0, c).
+void nhwc_slice_moments(const kernel_table& k, const plan& p, const float* x, int64_t slice,
+                        partial* acc) {
+  moments block[kColumnBlock];
+  for (int64_t j = 0; j < p.c; ++j) acc[j] = {{0, 0}, 0};
+  for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch)
+    for (int64_t col = 0; col < p.c; col += kColumnBlock) {
+      region r;
+      const int64_t at = nhwc_chunk(p, ch, col, &r);
+      k.moments_nhwc(x + at, r, block);
+      for (int64_t j = 0; j < r.cols; ++j)
+        merge(acc[col + j], block[j], static_cast<double>(r.rows));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Elementwise passes, shared by training, inference and backward: `item`
+// numbers NCHW (channel, chunk) pairs or NHWC chunks (all column blocks).
+
+int64_t elementwise_items(const plan& p) { return p.nhwc ? p.chunks : p.c * p.chunks; }
+
+struct normalize_args {
+  const float* x;
+  float* y;
+  const float* mean;
+  const float* scale;
+  const float* shift;
+  bool relu;
+  uint8_t* mask;  // nullptr: no mask to write
+};
+
+void normalize_item(const kernel_table& k, const plan& p, const normalize_args& a, int64_t item) {
+  if (p.nhwc) {
+    for (int64_t col = 0; col < p.c; col += kColumnBlock) {
+      region r;
+      const int64_t at = nhwc_chunk(p, item, col, &r);
+      k.normalize_nhwc(a.x + at, a.y + at, r, a.mean + col, a.scale + col, a.shift + col,
+                       {a.relu, a.mask, at});
+    }
+    return;
+  }
+  const int64_t c = item / p.chunks;
+  region r;
+  const int64_t at = c * p.spatial + nchw_chunk(p, item % p.chunks, &r);
+  k.normalize_nchw(a.x + at, a.y + at, r, a.mean[c], a.scale[c], a.shift[c],
+                   {a.relu, a.mask, at});
+}
+
+struct apply_args {
+  const float* x;  // nullptr: dx = a * dy
+  const float* dy;
+  float* dx;
+  const float* mean;
+  const float* a;
+  const float* b;
+  const float* c;
+  const uint8_t* mask;
+};
+
+void apply_item(const kernel_table& k, const plan& p, const apply_args& a, int64_t item) {
+  if (p.nhwc) {
+    for (int64_t col = 0; col < p.c; col += kColumnBlock) {
+      region r;
+      const int64_t at = nhwc_chunk(p, item, col, &r);
+      k.backward_apply_nhwc(a.x ? a.x + at : nullptr, a.dy + at, a.dx + at, r, a.mean + col,
+                            a.a + col, a.b + col, a.c + col, {a.mask, at});
+    }
+    return;
+  }
+  const int64_t ch = item / p.chunks;
+  region r;
+  const int64_t at = ch * p.spatial + nchw_chunk(p, item % p.chunks, &r);
+  k.backward_apply_nchw(a.x ? a.x + at : nullptr, a.dy + at, a.dx + at, r, a.mean[ch], a.a[ch],
+                        a.b[ch], a.c[ch], {a.mask, at});
+}
+
+// ---------------------------------------------------------------------------
+// Backward sums: sum(dy) and sum(dy * (x - mean)) per channel, in double,
+// chunks added in order (the same fixed order as the moments).
+
+struct sums {
+  double dy;
+  double dy_xmu;
+};
+
+sums nchw_slice_sums(const kernel_table& k, const plan& p, const float* x, const float* dy,
+                     int64_t c, float mean, const uint8_t* mask, int64_t slice) {
+  sums acc{0, 0};
+  for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch) {
+    region r;
+    const int64_t at = c * p.spatial + nchw_chunk(p, ch, &r);
+    double s0 = 0, s1 = 0;
+    k.backward_reduce_nchw(x + at, dy + at, r, mean, {mask, at}, &s0, &s1);
+    acc.dy += s0;
+    acc.dy_xmu += s1;
+  }
+  return acc;
+}
+
+void nhwc_slice_sums(const kernel_table& k, const plan& p, const float* x, const float* dy,
+                     const float* mean, const uint8_t* mask, int64_t slice, sums* acc) {
+  double s0[kColumnBlock], s1[kColumnBlock];
+  for (int64_t j = 0; j < p.c; ++j) acc[j] = {0, 0};
+  for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch)
+    for (int64_t col = 0; col < p.c; col += kColumnBlock) {
+      region r;
+      const int64_t at = nhwc_chunk(p, ch, col, &r);
+      k.backward_reduce_nhwc(x + at, dy + at, r, mean + col, {mask, at}, s0, s1);
+      for (int64_t j = 0; j < r.cols; ++j) {
+        acc[col + j].dy += s0[j];
+        acc[col + j].dy_xmu += s1[j];
+      }
+    }
+}
+
+// The backward pass of y = gamma * (x - mean) * invstd + beta, per channel
+// (docs/batchnorm.md derives it): with M values, xhat = (x - mean) * invstd,
+//   dbeta  = sum(dy)
+//   dgamma = sum(dy * xhat) = invstd * sum(dy * (x - mean))
+//   dx     = gamma * invstd * (dy - sum(dy)/M - xhat * sum(dy * xhat)/M)
+//          = a * dy + (x - mean) * b + c, with
+//   a = gamma * invstd, b = -a * invstd^2 * sum(dy * (x - mean)) / M,
+//   c = -a * sum(dy) / M.
+// With frozen statistics mean and invstd are constants: dx = a * dy.
+struct backward_coefficients {
+  const float* gamma;
+  const float* var;
+  float eps;
+  double count;
+  bool global;
+  float* a;
+  float* b;
+  float* c;
+  float* dgamma;
+  float* dbeta;
+
+  void operator()(int64_t ch, const sums& s) const {
+    const double invstd = 1.0 / std::sqrt(static_cast<double>(var[ch]) + eps);
+    const double ga = (gamma ? gamma[ch] : 1.f) * invstd;
+    a[ch] = static_cast<float>(ga);
+    b[ch] = global || count == 0 ? 0.f : static_cast<float>(-ga * invstd * invstd * s.dy_xmu / count);
+    c[ch] = global || count == 0 ? 0.f : static_cast<float>(-ga * s.dy / count);
+    if (dgamma) dgamma[ch] = static_cast<float>(s.dy_xmu * invstd);
+    if (dbeta) dbeta[ch] = static_cast<float>(s.dy);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Argument checks.
+
+bool overlap(const float* a, const float* b, int64_t n) {
+  const auto pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
+  const auto bytes = static_cast<uintptr_t>(n) * sizeof(float);
+  return n > 0 && pa < pb + bytes && pb < pa + bytes;
+}
+
+// The shape's checks, and its element count in *total.
+bnorm_status check_shape(const char* fn, const bnorm_shape* s, int64_t* total) {
+  if (!s) return fail(BNORM_INVALID_ARGUMENT, "%s: shape is NULL", fn);
+  if (s->layout != BNORM_NCHW && s->layout != BNORM_NHWC)
+    return fail(BNORM_INVALID_ARGUMENT, "%s: unknown layout %d", fn, static_cast<int>(s->layout));
+  if (s->n < 0 || s->c <= 0 || s->spatial < 0)
+    return fail(BNORM_INVALID_ARGUMENT,
+                "%s: shape n=%lld c=%lld spatial=%lld (need n >= 0, c > 0, spatial >= 0)", fn,
+                static_cast<long long>(s->n), static_cast<long long>(s->c),
+                static_cast<long long>(s->spatial));
+  int64_t nc = 0, count = 0;
+  constexpr int64_t kMaxElements = PTRDIFF_MAX / static_cast<int64_t>(sizeof(float));
+  if (__builtin_mul_overflow(s->n, s->c, &nc) || __builtin_mul_overflow(nc, s->spatial, &count) ||
+      count > kMaxElements)
+    return fail(BNORM_INVALID_ARGUMENT,
+                "%s: n*c*spatial = %lld*%lld*%lld floats does not fit in memory", fn,
+                static_cast<long long>(s->n), static_cast<long long>(s->c),
+                static_cast<long long>(s->spatial));
+  *total = count;
+  return BNORM_SUCCESS;
+}
+
+bnorm_status check_eps_flags(const char* fn, float eps, unsigned flags, unsigned allowed) {
+  if (!(eps >= 0.f)) return fail(BNORM_INVALID_ARGUMENT, "%s: eps %g is negative or NaN", fn, eps);
+  if (flags & ~allowed)
+    return fail(BNORM_INVALID_ARGUMENT, "%s: flags 0x%x not supported here (allowed 0x%x)", fn,
+                flags, allowed);
+  return BNORM_SUCCESS;
+}
+
+#define BNORM_REQUIRE(ptr)                                                       \
+  do {                                                                           \
+    if (!(ptr)) return fail(BNORM_INVALID_ARGUMENT, "%s: " #ptr " is NULL", fn); \
+  } while (0)
+
+#define BNORM_CHECK(expr)                      \
+  do {                                         \
+    const bnorm_status status_ = (expr);       \
+    if (status_ != BNORM_SUCCESS) return status_; \
+  } while (0)
+
+template <class T>
+std::unique_ptr<T[]> allocate(int64_t n) {
+  return std::unique_ptr<T[]>(new (std::nothrow) T[static_cast<size_t>(n)]);
+}
+
+}  // namespace
+}  // namespace bnorm
+
+using namespace bnorm;
+
+extern "C" {
+
+bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigned flags,
+                                    const float* x, const float* gamma, const float* beta,
+                                    float* y, float* mean, float* var, uint8_t* relu_mask) {
+  static const char fn[] = "bnorm_forward_training";
+  int64_t total = 0;
+  BNORM_CHECK(check_shape(fn, shape, &total));
+  if (flags & BNORM_GLOBAL_STATS)
+    return fail(BNORM_INVALID_ARGUMENT,
+                "%s: BNORM_GLOBAL_STATS does not apply to training (use "
+                "bnorm_forward_inference with the global statistics)",
+                fn);
+  BNORM_CHECK(check_eps_flags(fn, eps, flags, BNORM_FUSE_RELU));
+  if (shape->n * shape->spatial == 0)
+    return fail(BNORM_INVALID_ARGUMENT, "%s: no values per channel (n*spatial == 0)", fn);
+  BNORM_REQUIRE(x);
+  BNORM_REQUIRE(y);
+  BNORM_REQUIRE(mean);
+  BNORM_REQUIRE(var);
+  const bool relu = flags & BNORM_FUSE_RELU;
+  if (relu && !relu_mask)
+    return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
+  if (y != x && overlap(x, y, total))
+    return fail(BNORM_INVALID_ARGUMENT, "%s: y overlaps x without being x", fn);
+
+  const plan p = make_plan(*shape);
+  const kernel_table& k = kernels();
+  const int nt = threads_for(2 * total * static_cast<int64_t>(sizeof(float)));
+  // NCHW with enough channels: each thread takes whole channels, computing
+  // the statistics and then normalizing while the channel is still in cache.
+  // Otherwise the slices of every channel are spread over the threads.
+  const bool by_channel = !p.nhwc && (nt == 1 || p.c >= 4 * nt);
+  auto coef = allocate<float>(2 * p.c);
+  auto slices = allocate<partial>(by_channel ? 0 : p.slices * p.c);
+  if (!coef || (!by_channel && !slices))
+    return fail(BNORM_OUT_OF_MEMORY, "%s: no memory for %lld channels' scratch", fn,
+                static_cast<long long>(p.c));
+  float* scale = coef.get();
+  float* shift = coef.get() + p.c;
+  const normalize_args args{x, y, mean, scale, shift, relu, relu ? relu_mask : nullptr};
+
+  if (by_channel) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int64_t c = 0; c < p.c; ++c) {
+      partial acc{{0, 0}, 0};
+      for (int64_t s = 0; s < p.slices; ++s) {
+        const partial part = nchw_slice_moments(k, p, x + c * p.spatial, s);
+        merge(acc, part.m, part.n);
+      }
+      finish_moments(acc, &mean[c], &var[c]);
+      scale_shift(gamma, beta, var[c], eps, c, scale, shift);
+      for (int64_t ch = 0; ch < p.chunks; ++ch) normalize_item(k, p, args, c * p.chunks + ch);
+    }
+    return succeed();
+  }
+
+  partial* part = slices.get();  // part[s * c + channel]
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    if (p.nhwc) {
+#pragma omp for schedule(static)
+      for (int64_t s = 0; s < p.slices; ++s) nhwc_slice_moments(k, p, x, s, part + s * p.c);
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < p.c * p.slices; ++i) {
+        const int64_t c = i / p.slices, s = i % p.slices;
+        part[s * p.c + c] = nchw_slice_moments(k, p, x + c * p.spatial, s);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < p.c; ++c) {
+      partial acc{{0, 0}, 0};
+      for (int64_t s = 0; s < p.slices; ++s) merge(acc, part[s * p.c + c].m, part[s * p.c + c].n);
+      finish_moments(acc, &mean[c], &var[c]);
+      scale_shift(gamma, beta, var[c], eps, c, scale, shift);
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < elementwise_items(p); ++i) normalize_item(k, p, args, i);
+  }
+  return succeed();
+}
+
+bnorm_status bnorm_forward_inference(const bnorm_shape* shape, float eps, unsigned flags,
+                                     const float* x, const float* gamma, const float* beta,
+                                     const float* mean, const float* var, float* y) {
+  static const char fn[] = "bnorm_forward_inference";
+  int64_t total = 0;
+  BNORM_CHECK(check_shape(fn, shape, &total));
+  BNORM_CHECK(check_eps_flags(fn, eps, flags, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS));
+  BNORM_REQUIRE(x);
+  BNORM_REQUIRE(mean);
+  BNORM_REQUIRE(var);
+  BNORM_REQUIRE(y);
+  if (y != x && overlap(x, y, total))
+    return fail(BNORM_INVALID_ARGUMENT, "%s: y overlaps x without being x", fn);
+  if (total == 0) return succeed();
+
+  const plan p = make_plan(*shape);
+  const kernel_table& k = kernels();
+  auto coef = allocate<float>(2 * p.c);
+  if (!coef)
+    return fail(BNORM_OUT_OF_MEMORY, "%s: no memory for %lld channels' scratch", fn,
+                static_cast<long long>(p.c));
+  float* scale = coef.get();
+  float* shift = coef.get() + p.c;
+  for (int64_t c = 0; c < p.c; ++c) scale_shift(gamma, beta, var[c], eps, c, scale, shift);
+
+  const normalize_args args{x, y, mean, scale, shift, (flags & BNORM_FUSE_RELU) != 0, nullptr};
+  const int nt = threads_for(2 * total * static_cast<int64_t>(sizeof(float)));
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t i = 0; i < elementwise_items(p); ++i) normalize_item(k, p, args, i);
+  return succeed();
+}
+
+bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags, const float* x,
+                            const float* dy, const float* gamma, const float* mean,
+                            const float* var, const uint8_t* relu_mask, float* dx, float* dgamma,
+                            float* dbeta) {
+  static const char fn[] = "bnorm_backward";
+  int64_t total = 0;
+  BNORM_CHECK(check_shape(fn, shape, &total));
+  BNORM_CHECK(check_eps_flags(fn, eps, flags, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS));
+  BNORM_REQUIRE(x);
+  BNORM_REQUIRE(dy);
+  BNORM_REQUIRE(mean);
+  BNORM_REQUIRE(var);
+  BNORM_REQUIRE(dx);
+  const bool relu = flags & BNORM_FUSE_RELU;
+  const bool global = flags & BNORM_GLOBAL_STATS;
+  if (relu && !relu_mask)
+    return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
+  if (dx != dy && overlap(dx, dy, total))
+    return fail(BNORM_INVALID_ARGUMENT, "%s: dx overlaps dy without being dy", fn);
+  if (overlap(dx, x, total)) return fail(BNORM_INVALID_ARGUMENT, "%s: dx overlaps x", fn);
+
+  const plan p = make_plan(*shape);
+  const kernel_table& k = kernels();
+  const int nt = threads_for(3 * total * static_cast<int64_t>(sizeof(float)));
+  const bool by_channel = !p.nhwc && (nt == 1 || p.c >= 4 * nt);
+  const bool need_sums = total > 0 && (!global || dgamma || dbeta);
+  auto coef = allocate<float>(3 * p.c);
+  auto channel_sums = allocate<sums>(p.c);
+  auto slices = allocate<sums>(by_channel || !need_sums ? 0 : p.slices * p.c);
+  if (!coef || !channel_sums || (!by_channel && need_sums && !slices))
+    return fail(BNORM_OUT_OF_MEMORY, "%s: no memory for %lld channels' scratch", fn,
+                static_cast<long long>(p.c));
+  const uint8_t* mask = relu ? relu_mask : nullptr;
+  const backward_coefficients coefficients{gamma, var, eps, static_cast<double>(p.count), global,
+                                           coef.get(), coef.get() + p.c, coef.get() + 2 * p.c,
+                                           dgamma, dbeta};
+  const apply_args args{global ? nullptr : x, dy, dx, mean, coefficients.a, coefficients.b,
+                        coefficients.c, mask};
+  sums* total_sums = channel_sums.get();
+
+  if (by_channel) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int64_t c = 0; c < p.c; ++c) {
+      sums acc{0, 0};
+      for (int64_t s = 0; need_sums && s < p.slices; ++s) {
+        const sums part = nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s);
+        acc.dy += part.dy;
+        acc.dy_xmu += part.dy_xmu;
+      }
+      coefficients(c, acc);
+      for (int64_t ch = 0; ch < p.chunks; ++ch) apply_item(k, p, args, c * p.chunks + ch);
+    }
+    return succeed();
+  }
+
+  sums* part = slices.get();  // part[s * c + channel]
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    if (need_sums && p.nhwc) {
+#pragma omp for schedule(static)
+      for (int64_t s = 0; s < p.slices; ++s)
+        nhwc_slice_sums(k, p, x, dy, mean, mask, s, part + s * p.c);
+    } else if (need_sums) {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < p.c * p.slices; ++i) {
+        const int64_t c = i / p.slices, s = i % p.slices;
+        part[s * p.c + c] = nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < p.c; ++c) {
+      sums acc{0, 0};
+      for (int64_t s = 0; need_sums && s < p.slices; ++s) {
+        acc.dy += part[s * p.c + c].dy;
+        acc.dy_xmu += part[s * p.c + c].dy_xmu;
+      }
+      total_sums[c] = acc;
+      coefficients(c, acc);
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < elementwise_items(p); ++i) apply_item(k, p, args, i);
+  }
+  return succeed();
+}
+
+bnorm_status bnorm_update_running_stats(int64_t c, int64_t count, float momentum,
+                                        const float* mean, const float* var,
+                                        float* running_mean, float* running_var) {
+  static const char fn[] = "bnorm_update_running_stats";
+  if (c <= 0) return fail(BNORM_INVALID_ARGUMENT, "%s: c = %lld (need c > 0)", fn, static_cast<long long>(c));
+  if (count < 2)
+    return fail(BNORM_INVALID_ARGUMENT,
+                "%s: count = %lld; the unbiased variance needs at least 2 values per channel", fn,
+                static_cast<long long>(count));
+  if (!(momentum >= 0.f && momentum <= 1.f))
+    return fail(BNORM_INVALID_ARGUMENT, "%s: momentum %g is not in [0, 1]", fn, momentum);
+  BNORM_REQUIRE(mean);
+  BNORM_REQUIRE(var);
+  BNORM_REQUIRE(running_mean);
+  BNORM_REQUIRE(running_var);
+  // PyTorch's convention: the running variance is unbiased (Bessel's correction).
+  const double m = momentum, keep = 1.0 - m;
+  const double bessel = static_cast<double>(count) / static_cast<double>(count - 1);
+  for (int64_t i = 0; i < c; ++i) {
+    running_mean[i] = static_cast<float>(keep * running_mean[i] + m * mean[i]);
+    running_var[i] = static_cast<float>(keep * running_var[i] + m * (var[i] * bessel));
+  }
+  return succeed();
+}
+
+const char* bnorm_status_string(bnorm_status status) {
+  switch (status) {
+    case BNORM_SUCCESS: return "success";
+    case BNORM_INVALID_ARGUMENT: return "invalid argument";
+    case BNORM_UNSUPPORTED: return "unsupported";
+    case BNORM_OUT_OF_MEMORY: return "out of memory";
+  }
+  return "unknown status";
+}
+
+const char* bnorm_isa(void) { return kernels().isa; }
+
+const char* bnorm_last_error_message(void) { return g_message; }
+
+}  // extern "C"

@@ -1,0 +1,79 @@
+// The microkernels' interface: what one thread does to one region of a tensor.
+//
+// Microkernels are written once (microkernels.hpp) and compiled per
+// instruction set (arch_*.cpp). They take pointers, counts and strides, never
+// vector types, validate nothing and allocate nothing; the operators in
+// batchnorm.cpp check arguments, split the work and call them through the
+// table chosen once per process (dispatch.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace bnorm {
+
+// Moments of a set of values: mean and sum of squared deviations (M2), in
+// double so that merging many of them (Chan et al.) adds no visible error.
+struct moments {
+  double mean;
+  double m2;
+};
+
+// `rows` rows of `cols` floats, consecutive rows `stride` floats apart.
+struct region {
+  int64_t rows;
+  int64_t cols;
+  int64_t stride;
+};
+
+// The fused-ReLU bit mask and the memory index (in elements, from the start
+// of the tensor) of the region's first element: bit i%8 of byte i/8 belongs
+// to the element at index i.
+struct relu_bits {
+  bool relu;       // clamp y at 0
+  uint8_t* bits;   // and, if not nullptr, write the mask
+  int64_t index;
+};
+// `bits == nullptr`: no ReLU.
+struct relu_bits_in {
+  const uint8_t* bits;
+  int64_t index;
+};
+
+struct kernel_table {
+  const char* isa;
+
+  // NCHW: every value of the region belongs to one channel.
+  moments (*moments_nchw)(const float* x, region r);
+  // NHWC: column j is channel j; out[j] for j < r.cols.
+  void (*moments_nhwc)(const float* x, region r, moments* out);
+
+  // y = (x - mean) * scale + shift, then max(y, 0) and mask bits if ReLU.
+  void (*normalize_nchw)(const float* x, float* y, region r, float mean, float scale,
+                         float shift, relu_bits relu);
+  void (*normalize_nhwc)(const float* x, float* y, region r, const float* mean,
+                         const float* scale, const float* shift, relu_bits relu);
+
+  // sum(dy) and sum(dy * (x - mean)), dy zeroed where the ReLU bit is clear.
+  void (*backward_reduce_nchw)(const float* x, const float* dy, region r, float mean,
+                               relu_bits_in relu, double* sum_dy, double* sum_dy_xmu);
+  void (*backward_reduce_nhwc)(const float* x, const float* dy, region r, const float* mean,
+                               relu_bits_in relu, double* sum_dy, double* sum_dy_xmu);
+
+  // dx = a * dy + ((x - mean) * b + c); x == nullptr means b = c = 0 (x unused).
+  void (*backward_apply_nchw)(const float* x, const float* dy, float* dx, region r, float mean,
+                              float a, float b, float c, relu_bits_in relu);
+  void (*backward_apply_nhwc)(const float* x, const float* dy, float* dx, region r,
+                              const float* mean, const float* a, const float* b, const float* c,
+                              relu_bits_in relu);
+};
+
+// The table for this process: chosen on first use from the CPU and the
+// environment variable BNORM_ISA (which may only lower the choice).
+const kernel_table& kernels();
+
+// One per instruction set, each defined in its arch_*.cpp.
+kernel_table sse2_kernels();
+kernel_table avx2_kernels();
+kernel_table avx512_kernels();
+
+}  // namespace bnorm

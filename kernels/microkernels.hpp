@@ -1,0 +1,489 @@
+// Batch-norm microkernels, written once over xsimd and compiled per
+// instruction set by the arch_*.cpp files.
+//
+// Each works on one region (kernel_table.hpp) on one thread. The order of
+// every floating-point operation depends only on the region's shape, never on
+// its address: loads are unaligned, lanes are assigned from the start of each
+// row, so results are bitwise reproducible for any pointer and any thread
+// split (the operators fix the regions from the tensor's shape alone).
+//
+// NCHW regions hold one channel; they reduce over everything. NHWC regions
+// hold up to `cols` channels side by side; they reduce down the columns,
+// which keeps every lane a channel and needs no horizontal sums.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "kernel_table.hpp"
+#include "simd.hpp"
+
+namespace bnorm {
+namespace kernels_for {
+
+using simd::bit_writer;
+using simd::from_bits;
+using simd::load_bits;
+using simd::madd;
+using simd::madd1;
+using simd::to_bits;
+
+// ---------------------------------------------------------------------------
+// Statistics.
+//
+// A region's moments come from a two-pass algorithm on data that is in L1:
+// pass 1 sums x - x0 (x0 the region's first value, so data far from zero
+// loses nothing: x - x0 is exact when x and x0 are within a factor of two)
+// to get a provisional mean m; pass 2 sums d = x - m and d^2. Then
+//   mean = m + sum(d)/n,   M2 = sum(d^2) - sum(d)^2/n
+// (the corrected two-pass formula, Chan, Golub & LeVeque 1983), in double.
+// A constant region gives d == 0 everywhere: mean exact, M2 exactly 0.
+// Float accumulation is fine for one region (at most a few thousand values
+// per lane group); if anything overflowed or the data holds inf/NaN, the
+// region is recomputed in double, which is exact in the sense that matters
+// (finite data up to 1e18 cannot overflow it) and propagates NaN.
+
+template <class A>
+moments moments_double(const float* x, region r) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < r.rows; ++i)
+    for (int64_t j = 0; j < r.cols; ++j) sum += x[i * r.stride + j];
+  const double count = static_cast<double>(r.rows * r.cols);
+  const double mean = sum / count;
+  double m2 = 0.0;
+  for (int64_t i = 0; i < r.rows; ++i)
+    for (int64_t j = 0; j < r.cols; ++j) {
+      const double d = x[i * r.stride + j] - mean;
+      m2 += d * d;
+    }
+  return {mean, m2};
+}
+
+template <class A>
+moments moments_nchw(const float* x, region r) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const double count = static_cast<double>(r.rows * r.cols);
+
+  // Pass 1. Four accumulators: FP adds have a latency of about four cycles
+  // and we want the loop limited by loads, not by one dependency chain.
+  const float x0 = x[0];
+  const V vx0(x0);
+  V s[4] = {V(0.f), V(0.f), V(0.f), V(0.f)};
+  float tail = 0.f;
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const float* row = x + i * r.stride;
+    int64_t j = 0;
+    for (; j + 4 * W <= r.cols; j += 4 * W) {
+      s[0] += V::load_unaligned(row + j) - vx0;
+      s[1] += V::load_unaligned(row + j + W) - vx0;
+      s[2] += V::load_unaligned(row + j + 2 * W) - vx0;
+      s[3] += V::load_unaligned(row + j + 3 * W) - vx0;
+    }
+    for (; j + W <= r.cols; j += W) s[0] += V::load_unaligned(row + j) - vx0;
+    for (; j < r.cols; ++j) tail += row[j] - x0;
+  }
+  const float sum0 = xsimd::hadd((s[0] + s[1]) + (s[2] + s[3])) + tail;
+  const float m = static_cast<float>(x0 + sum0 / count);
+
+  // Pass 2.
+  const V vm(m);
+  V d1[2] = {V(0.f), V(0.f)};
+  V d2[2] = {V(0.f), V(0.f)};
+  float t1 = 0.f, t2 = 0.f;
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const float* row = x + i * r.stride;
+    int64_t j = 0;
+    for (; j + 2 * W <= r.cols; j += 2 * W) {
+      const V a = V::load_unaligned(row + j) - vm;
+      const V b = V::load_unaligned(row + j + W) - vm;
+      d1[0] += a;
+      d1[1] += b;
+      d2[0] = madd(a, a, d2[0]);
+      d2[1] = madd(b, b, d2[1]);
+    }
+    for (; j + W <= r.cols; j += W) {
+      const V a = V::load_unaligned(row + j) - vm;
+      d1[0] += a;
+      d2[0] = madd(a, a, d2[0]);
+    }
+    for (; j < r.cols; ++j) {
+      const float a = row[j] - m;
+      t1 += a;
+      t2 = madd1<A>(a, a, t2);
+    }
+  }
+  const double sum1 = static_cast<double>(xsimd::hadd(d1[0] + d1[1]) + t1);
+  const double sum2 = static_cast<double>(xsimd::hadd(d2[0] + d2[1]) + t2);
+  if (!std::isfinite(sum1) || !std::isfinite(sum2)) return moments_double<A>(x, r);
+  return {m + sum1 / count, std::max(0.0, sum2 - sum1 * sum1 / count)};
+}
+
+// Q vectors of adjacent channels at column j0 of an NHWC region.
+template <class A, int Q>
+void moments_columns(const float* x, region r, int64_t j0, moments* out) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const V n(static_cast<float>(r.rows));
+  V x0[Q], s[Q], m[Q], d1[Q], d2[Q];
+  for (int q = 0; q < Q; ++q) {
+    x0[q] = V::load_unaligned(x + j0 + q * W);
+    s[q] = d1[q] = d2[q] = V(0.f);
+  }
+  for (int64_t i = 0; i < r.rows; ++i)
+    for (int q = 0; q < Q; ++q) s[q] += V::load_unaligned(x + i * r.stride + j0 + q * W) - x0[q];
+  for (int q = 0; q < Q; ++q) m[q] = x0[q] + s[q] / n;
+  for (int64_t i = 0; i < r.rows; ++i)
+    for (int q = 0; q < Q; ++q) {
+      const V d = V::load_unaligned(x + i * r.stride + j0 + q * W) - m[q];
+      d1[q] += d;
+      d2[q] = madd(d, d, d2[q]);
+    }
+  alignas(64) float mv[Q * W], s1[Q * W], s2[Q * W];
+  for (int q = 0; q < Q; ++q) {
+    m[q].store_aligned(mv + q * W);
+    d1[q].store_aligned(s1 + q * W);
+    d2[q].store_aligned(s2 + q * W);
+  }
+  const double count = static_cast<double>(r.rows);
+  for (int64_t k = 0; k < Q * W; ++k) {
+    if (std::isfinite(s1[k]) && std::isfinite(s2[k])) {
+      out[j0 + k] = {mv[k] + s1[k] / count,
+                     std::max(0.0, s2[k] - static_cast<double>(s1[k]) * s1[k] / count)};
+    } else {
+      out[j0 + k] = moments_double<A>(x + j0 + k, {r.rows, 1, r.stride});
+    }
+  }
+}
+
+template <class A>
+void moments_nhwc(const float* x, region r, moments* out) {
+  constexpr int64_t W = simd::vfloat<A>::size;
+  int64_t j = 0;
+  for (; j + 4 * W <= r.cols; j += 4 * W) moments_columns<A, 4>(x, r, j, out);
+  for (; j + W <= r.cols; j += W) moments_columns<A, 1>(x, r, j, out);
+  // Tail channels: the same operations as one vector lane, in scalar.
+  for (; j < r.cols; ++j) {
+    const float x0 = x[j];
+    float s = 0.f;
+    for (int64_t i = 0; i < r.rows; ++i) s += x[i * r.stride + j] - x0;
+    const float m = x0 + s / static_cast<float>(r.rows);
+    float d1 = 0.f, d2 = 0.f;
+    for (int64_t i = 0; i < r.rows; ++i) {
+      const float d = x[i * r.stride + j] - m;
+      d1 += d;
+      d2 = madd1<A>(d, d, d2);
+    }
+    const double count = static_cast<double>(r.rows);
+    if (std::isfinite(d1) && std::isfinite(d2)) {
+      out[j] = {m + d1 / count, std::max(0.0, d2 - static_cast<double>(d1) * d1 / count)};
+    } else {
+      out[j] = moments_double<A>(x + j, {r.rows, 1, r.stride});
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Normalize: y = (x - mean) * scale + shift. Subtracting first (rather than
+// x * scale + (shift - mean * scale)) keeps y exact where x == mean, so a
+// constant channel gives exactly `shift`, and costs nothing in a loop that
+// waits for memory. ReLU keeps NaN (select on y <= 0, false for NaN).
+
+template <class A>
+inline simd::vfloat<A> relu(simd::vfloat<A> y) {
+  using V = simd::vfloat<A>;
+  return xsimd::select(y <= V(0.f), V(0.f), y);
+}
+inline float relu1(float y) { return y <= 0.f ? 0.f : y; }
+
+template <class A>
+void normalize_nchw(const float* x, float* y, region r, float mean, float scale, float shift,
+                    relu_bits relu_out) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const V vm(mean), vs(scale), vb(shift);
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const float* xr = x + i * r.stride;
+    float* yr = y + i * r.stride;
+    int64_t j = 0;
+    if (!relu_out.relu) {
+      for (; j + W <= r.cols; j += W)
+        madd(V::load_unaligned(xr + j) - vm, vs, vb).store_unaligned(yr + j);
+      for (; j < r.cols; ++j) yr[j] = madd1<A>(xr[j] - mean, scale, shift);
+      continue;
+    }
+    bit_writer bits(relu_out.bits, relu_out.index + i * r.stride);
+    for (; j + W <= r.cols; j += W) {
+      const V v = relu<A>(madd(V::load_unaligned(xr + j) - vm, vs, vb));
+      bits.push(to_bits<A>(v > V(0.f)), W);
+      v.store_unaligned(yr + j);
+    }
+    for (; j < r.cols; ++j) {
+      const float v = relu1(madd1<A>(xr[j] - mean, scale, shift));
+      bits.push(v > 0.f, 1);
+      yr[j] = v;
+    }
+    bits.finish();
+  }
+}
+
+template <class A, int Q>
+void normalize_columns(const float* x, float* y, region r, int64_t j0, const float* mean,
+                       const float* scale, const float* shift, relu_bits relu_out) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  V vm[Q], vs[Q], vb[Q];
+  for (int q = 0; q < Q; ++q) {
+    vm[q] = V::load_unaligned(mean + j0 + q * W);
+    vs[q] = V::load_unaligned(scale + j0 + q * W);
+    vb[q] = V::load_unaligned(shift + j0 + q * W);
+  }
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const float* xr = x + i * r.stride + j0;
+    float* yr = y + i * r.stride + j0;
+    if (!relu_out.relu) {
+      for (int q = 0; q < Q; ++q)
+        madd(V::load_unaligned(xr + q * W) - vm[q], vs[q], vb[q]).store_unaligned(yr + q * W);
+      continue;
+    }
+    bit_writer bits(relu_out.bits, relu_out.index + i * r.stride + j0);
+    for (int q = 0; q < Q; ++q) {
+      const V v = relu<A>(madd(V::load_unaligned(xr + q * W) - vm[q], vs[q], vb[q]));
+      bits.push(to_bits<A>(v > V(0.f)), W);
+      v.store_unaligned(yr + q * W);
+    }
+    bits.finish();
+  }
+}
+
+template <class A>
+void normalize_nhwc(const float* x, float* y, region r, const float* mean, const float* scale,
+                    const float* shift, relu_bits relu_out) {
+  constexpr int64_t W = simd::vfloat<A>::size;
+  int64_t j = 0;
+  for (; j + 4 * W <= r.cols; j += 4 * W)
+    normalize_columns<A, 4>(x, y, r, j, mean, scale, shift, relu_out);
+  for (; j + W <= r.cols; j += W)
+    normalize_columns<A, 1>(x, y, r, j, mean, scale, shift, relu_out);
+  if (j == r.cols) return;
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const float* xr = x + i * r.stride;
+    float* yr = y + i * r.stride;
+    if (!relu_out.relu) {
+      for (int64_t k = j; k < r.cols; ++k) yr[k] = madd1<A>(xr[k] - mean[k], scale[k], shift[k]);
+      continue;
+    }
+    bit_writer bits(relu_out.bits, relu_out.index + i * r.stride + j);
+    for (int64_t k = j; k < r.cols; ++k) {
+      yr[k] = relu1(madd1<A>(xr[k] - mean[k], scale[k], shift[k]));
+      bits.push(yr[k] > 0.f, 1);
+    }
+    bits.finish();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward. reduce: sum(dy) and sum(dy * (x - mean)) in float per region,
+// returned in double (recomputed in double if anything overflowed).
+// apply: dx = a * dy + ((x - mean) * b + c), the per-channel coefficients
+// of dx = gamma*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)) (batchnorm.cpp).
+
+template <class A>
+inline float masked1(const float* dy, int64_t j, const uint8_t* bits, int64_t index) {
+  return (!bits || ((bits[index >> 3] >> (index & 7)) & 1u)) ? dy[j] : 0.f;
+}
+
+template <class A>
+void backward_reduce_double(const float* x, const float* dy, region r, double mean,
+                            relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu) {
+  double s0 = 0.0, s1 = 0.0;
+  for (int64_t i = 0; i < r.rows; ++i)
+    for (int64_t j = 0; j < r.cols; ++j) {
+      const double g = masked1<A>(dy + i * r.stride, j, relu_in.bits, relu_in.index + i * r.stride + j);
+      s0 += g;
+      s1 += g * (x[i * r.stride + j] - mean);
+    }
+  *sum_dy = s0;
+  *sum_dy_xmu = s1;
+}
+
+template <class A>
+void backward_reduce_nchw(const float* x, const float* dy, region r, float mean,
+                          relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const V vm(mean), zero(0.f);
+  V s0[2] = {zero, zero}, s1[2] = {zero, zero};
+  float t0 = 0.f, t1 = 0.f;
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const float* xr = x + i * r.stride;
+    const float* gr = dy + i * r.stride;
+    const int64_t index = relu_in.index + i * r.stride;
+    int64_t j = 0;
+    for (; j + W <= r.cols; j += W) {
+      V g = V::load_unaligned(gr + j);
+      if (relu_in.bits) g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, index + j, W)), g, zero);
+      const int k = static_cast<int>((j / W) & 1);
+      s0[k] += g;
+      s1[k] = madd(g, V::load_unaligned(xr + j) - vm, s1[k]);
+    }
+    for (; j < r.cols; ++j) {
+      const float g = masked1<A>(gr, j, relu_in.bits, index + j);
+      t0 += g;
+      t1 = madd1<A>(g, xr[j] - mean, t1);
+    }
+  }
+  *sum_dy = static_cast<double>(xsimd::hadd(s0[0] + s0[1]) + t0);
+  *sum_dy_xmu = static_cast<double>(xsimd::hadd(s1[0] + s1[1]) + t1);
+  if (!std::isfinite(*sum_dy) || !std::isfinite(*sum_dy_xmu))
+    backward_reduce_double<A>(x, dy, r, mean, relu_in, sum_dy, sum_dy_xmu);
+}
+
+template <class A, int Q>
+void backward_reduce_columns(const float* x, const float* dy, region r, int64_t j0,
+                             const float* mean, relu_bits_in relu_in, double* sum_dy,
+                             double* sum_dy_xmu) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const V zero(0.f);
+  V vm[Q], s0[Q], s1[Q];
+  for (int q = 0; q < Q; ++q) {
+    vm[q] = V::load_unaligned(mean + j0 + q * W);
+    s0[q] = s1[q] = zero;
+  }
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const int64_t at = i * r.stride + j0;
+    for (int q = 0; q < Q; ++q) {
+      V g = V::load_unaligned(dy + at + q * W);
+      if (relu_in.bits)
+        g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, relu_in.index + at + q * W, W)), g, zero);
+      s0[q] += g;
+      s1[q] = madd(g, V::load_unaligned(x + at + q * W) - vm[q], s1[q]);
+    }
+  }
+  alignas(64) float a0[Q * W], a1[Q * W];
+  for (int q = 0; q < Q; ++q) {
+    s0[q].store_aligned(a0 + q * W);
+    s1[q].store_aligned(a1 + q * W);
+  }
+  for (int64_t k = 0; k < Q * W; ++k) {
+    sum_dy[j0 + k] = a0[k];
+    sum_dy_xmu[j0 + k] = a1[k];
+    if (!std::isfinite(a0[k]) || !std::isfinite(a1[k]))
+      backward_reduce_double<A>(x + j0 + k, dy + j0 + k, {r.rows, 1, r.stride}, mean[j0 + k],
+                                {relu_in.bits, relu_in.index + j0 + k}, sum_dy + j0 + k,
+                                sum_dy_xmu + j0 + k);
+  }
+}
+
+template <class A>
+void backward_reduce_nhwc(const float* x, const float* dy, region r, const float* mean,
+                          relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu) {
+  constexpr int64_t W = simd::vfloat<A>::size;
+  int64_t j = 0;
+  for (; j + 4 * W <= r.cols; j += 4 * W)
+    backward_reduce_columns<A, 4>(x, dy, r, j, mean, relu_in, sum_dy, sum_dy_xmu);
+  for (; j + W <= r.cols; j += W)
+    backward_reduce_columns<A, 1>(x, dy, r, j, mean, relu_in, sum_dy, sum_dy_xmu);
+  for (; j < r.cols; ++j) {
+    float t0 = 0.f, t1 = 0.f;
+    for (int64_t i = 0; i < r.rows; ++i) {
+      const float g = masked1<A>(dy + i * r.stride, j, relu_in.bits, relu_in.index + i * r.stride + j);
+      t0 += g;
+      t1 = madd1<A>(g, x[i * r.stride + j] - mean[j], t1);
+    }
+    sum_dy[j] = t0;
+    sum_dy_xmu[j] = t1;
+    if (!std::isfinite(t0) || !std::isfinite(t1))
+      backward_reduce_double<A>(x + j, dy + j, {r.rows, 1, r.stride}, mean[j],
+                                {relu_in.bits, relu_in.index + j}, sum_dy + j, sum_dy_xmu + j);
+  }
+}
+
+template <class A>
+void backward_apply_nchw(const float* x, const float* dy, float* dx, region r, float mean,
+                         float a, float b, float c, relu_bits_in relu_in) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const V vm(mean), va(a), vb(b), vc(c), zero(0.f);
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const int64_t at = i * r.stride;
+    const int64_t index = relu_in.index + at;
+    int64_t j = 0;
+    for (; j + W <= r.cols; j += W) {
+      V g = V::load_unaligned(dy + at + j);
+      if (relu_in.bits) g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, index + j, W)), g, zero);
+      const V rest = x ? madd(V::load_unaligned(x + at + j) - vm, vb, vc) : zero;
+      madd(va, g, rest).store_unaligned(dx + at + j);
+    }
+    for (; j < r.cols; ++j) {
+      const float g = masked1<A>(dy + at, j, relu_in.bits, index + j);
+      const float rest = x ? madd1<A>(x[at + j] - mean, b, c) : 0.f;
+      dx[at + j] = madd1<A>(a, g, rest);
+    }
+  }
+}
+
+template <class A, int Q>
+void backward_apply_columns(const float* x, const float* dy, float* dx, region r, int64_t j0,
+                            const float* mean, const float* a, const float* b, const float* c,
+                            relu_bits_in relu_in) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const V zero(0.f);
+  V vm[Q], va[Q], vb[Q], vc[Q];
+  for (int q = 0; q < Q; ++q) {
+    vm[q] = V::load_unaligned(mean + j0 + q * W);
+    va[q] = V::load_unaligned(a + j0 + q * W);
+    vb[q] = V::load_unaligned(b + j0 + q * W);
+    vc[q] = V::load_unaligned(c + j0 + q * W);
+  }
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const int64_t at = i * r.stride + j0;
+    for (int q = 0; q < Q; ++q) {
+      V g = V::load_unaligned(dy + at + q * W);
+      if (relu_in.bits)
+        g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, relu_in.index + at + q * W, W)), g, zero);
+      const V rest = x ? madd(V::load_unaligned(x + at + q * W) - vm[q], vb[q], vc[q]) : zero;
+      madd(va[q], g, rest).store_unaligned(dx + at + q * W);
+    }
+  }
+}
+
+template <class A>
+void backward_apply_nhwc(const float* x, const float* dy, float* dx, region r, const float* mean,
+                         const float* a, const float* b, const float* c, relu_bits_in relu_in) {
+  constexpr int64_t W = simd::vfloat<A>::size;
+  int64_t j = 0;
+  for (; j + 4 * W <= r.cols; j += 4 * W)
+    backward_apply_columns<A, 4>(x, dy, dx, r, j, mean, a, b, c, relu_in);
+  for (; j + W <= r.cols; j += W)
+    backward_apply_columns<A, 1>(x, dy, dx, r, j, mean, a, b, c, relu_in);
+  for (; j < r.cols; ++j)
+    for (int64_t i = 0; i < r.rows; ++i) {
+      const int64_t at = i * r.stride + j;
+      const float g = masked1<A>(dy + i * r.stride, j, relu_in.bits, relu_in.index + at);
+      const float rest = x ? madd1<A>(x[at] - mean[j], b[j], c[j]) : 0.f;
+      dx[at] = madd1<A>(a[j], g, rest);
+    }
+}
+
+}  // namespace kernels_for
+
+// The table of microkernels compiled for instruction set A.
+template <class A>
+kernel_table make_kernel_table(const char* isa) {
+  using namespace kernels_for;
+  return {isa,
+          moments_nchw<A>,
+          moments_nhwc<A>,
+          normalize_nchw<A>,
+          normalize_nhwc<A>,
+          backward_reduce_nchw<A>,
+          backward_reduce_nhwc<A>,
+          backward_apply_nchw<A>,
+          backward_apply_nhwc<A>};
+}
+
+}  // namespace bnorm

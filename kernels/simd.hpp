@@ -1,0 +1,136 @@
+// The few vector operations xsimd 8.1 lacks, per instruction set, and the
+// ReLU mask bit stream. Included only by the arch_*.cpp translation units.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <xsimd/xsimd.hpp>
+
+namespace bnorm {
+namespace simd {
+
+template <class A>
+using vfloat = xsimd::batch<float, A>;
+template <class A>
+using vmask = xsimd::batch_bool<float, A>;
+
+template <class A>
+constexpr bool is_avx512 = std::is_base_of<xsimd::avx512f, A>::value;
+template <class A>
+constexpr bool is_avx = std::is_base_of<xsimd::avx, A>::value;
+template <class A>
+constexpr bool has_fma = is_avx512<A> || std::is_base_of<xsimd::fma3<xsimd::avx2>, A>::value;
+
+// a * b + c, one rounding where the instruction set has FMA. xsimd 8.1 has no
+// avx512f fma (it writes a*b+c), so that one is spelled out; the translation
+// units are compiled with -ffp-contract=off so that nothing else is fused
+// behind our back and every element sees exactly the operations written here.
+template <class A>
+inline vfloat<A> madd(vfloat<A> a, vfloat<A> b, vfloat<A> c) {
+  if constexpr (is_avx512<A>) {
+    return _mm512_fmadd_ps(a, b, c);
+  } else {
+    return xsimd::fma(a, b, c);
+  }
+}
+
+// The scalar twin of madd for tails: the same rounding as the vector lanes.
+template <class A>
+inline float madd1(float a, float b, float c) {
+  if constexpr (has_fma<A>) {
+    return std::fma(a, b, c);
+  } else {
+    return a * b + c;
+  }
+}
+
+// Lane i of the mask -> bit i.
+template <class A>
+inline uint32_t to_bits(vmask<A> m) {
+  if constexpr (is_avx512<A>) {
+    return static_cast<uint16_t>(static_cast<__mmask16>(m));
+  } else if constexpr (is_avx<A>) {
+    return static_cast<uint32_t>(_mm256_movemask_ps(m));
+  } else {
+    return static_cast<uint32_t>(_mm_movemask_ps(m));
+  }
+}
+
+// Bit i -> lane i of the mask.
+template <class A>
+inline vmask<A> from_bits(uint32_t bits) {
+  if constexpr (is_avx512<A>) {
+    return vmask<A>(static_cast<__mmask16>(bits));
+  } else {
+    using vint = xsimd::batch<int32_t, A>;
+    alignas(64) static const int32_t lane_bit[16] = {1,     2,     4,     8,    16,   32,
+                                                     64,    128,   256,   512,  1024, 2048,
+                                                     4096,  8192,  16384, 32768};
+    const vint set = vint(static_cast<int32_t>(bits)) & vint::load_aligned(lane_bit);
+    return xsimd::to_float(set) != vfloat<A>(0.f);
+  }
+}
+
+// k <= 16 mask bits starting at bit `pos`. Reads only the bytes that hold them.
+inline uint32_t load_bits(const uint8_t* mask, int64_t pos, int k) {
+  const uint8_t* p = mask + (pos >> 3);
+  const int shift = static_cast<int>(pos & 7);
+  const int nbytes = (shift + k + 7) >> 3;
+  uint32_t v = 0;
+  for (int i = 0; i < nbytes; ++i) v |= static_cast<uint32_t>(p[i]) << (8 * i);
+  return (v >> shift) & ((1u << k) - 1u);
+}
+
+// Writes the mask bits of one run of consecutive elements, in order. Bytes
+// wholly inside the run are plain stores; the first and last byte may be
+// shared with a neighbouring run (another channel, perhaps on another
+// thread), so there only our bits are changed, atomically. A null mask
+// makes it a no-op (ReLU without a mask: inference).
+class bit_writer {
+ public:
+  bit_writer(uint8_t* mask, int64_t index)
+      : byte_(mask ? mask + (index >> 3) : nullptr),
+        lead_(static_cast<unsigned>(index & 7)),
+        pending_(static_cast<unsigned>(index & 7)) {}
+
+  // The bits of the next k <= 16 elements, first element in bit 0.
+  void push(uint32_t bits, unsigned k) {
+    if (!byte_) return;
+    acc_ |= static_cast<uint64_t>(bits) << pending_;
+    pending_ += k;
+    while (pending_ >= 8) {
+      emit(static_cast<uint8_t>(acc_), 0xFFu & ~((1u << lead_) - 1u));
+      acc_ >>= 8;
+      pending_ -= 8;
+      lead_ = 0;
+      ++byte_;
+    }
+  }
+
+  void finish() {
+    if (byte_ && pending_ > lead_) {
+      emit(static_cast<uint8_t>(acc_), ((1u << pending_) - 1u) & ~((1u << lead_) - 1u));
+    }
+  }
+
+ private:
+  void emit(uint8_t value, unsigned ours) {
+    if (ours == 0xFFu) {
+      *byte_ = value;
+    } else {
+      __atomic_fetch_and(byte_, static_cast<uint8_t>(~ours), __ATOMIC_RELAXED);
+      __atomic_fetch_or(byte_, static_cast<uint8_t>(value & ours), __ATOMIC_RELAXED);
+    }
+  }
+
+  uint8_t* byte_;
+  unsigned lead_;     // bits of the first byte that belong to the previous run
+  unsigned pending_;  // bits in acc_, counting the lead
+  uint64_t acc_ = 0;
+};
+
+}  // namespace simd
+}  // namespace bnorm
