@@ -301,31 +301,100 @@ void nhwc_slice_sums(const kernel_table& k, const plan& p, const float* x, const
 //   dgamma = sum(dy * xhat) = invstd * sum(dy * (x - mean))
 //   dx     = gamma * invstd * (dy - sum(dy)/M - xhat * sum(dy * xhat)/M)
 //          = a * dy + (x - mean) * b + c, with
-//   a = gamma * invstd, b = -a * invstd^2 * sum(dy * (x - mean)) / M,
-//   c = -a * sum(dy) / M.
+//   a = gamma * invstd, b = -a * invstd * sum(dy * xhat) / M, c = -a * sum(dy) / M.
 // With frozen statistics mean and invstd are constants: dx = a * dy.
+double invstd_of(float var, float eps) { return 1.0 / std::sqrt(static_cast<double>(var) + eps); }
+
 struct backward_coefficients {
   const float* gamma;
   const float* var;
   float eps;
-  double count;
+  double count;  // M
   bool global;
   float* a;
   float* b;
   float* c;
-  float* dgamma;
-  float* dbeta;
 
+  // s: sum(dy) and sum(dy * xhat) of channel ch.
   void operator()(int64_t ch, const sums& s) const {
-    const double invstd = 1.0 / std::sqrt(static_cast<double>(var[ch]) + eps);
+    const double invstd = invstd_of(var[ch], eps);
     const double ga = (gamma ? gamma[ch] : 1.f) * invstd;
+    const bool constant = global || count == 0;
     a[ch] = static_cast<float>(ga);
-    b[ch] = global || count == 0 ? 0.f : static_cast<float>(-ga * invstd * invstd * s.dy_xmu / count);
-    c[ch] = global || count == 0 ? 0.f : static_cast<float>(-ga * s.dy / count);
-    if (dgamma) dgamma[ch] = static_cast<float>(s.dy_xmu * invstd);
-    if (dbeta) dbeta[ch] = static_cast<float>(s.dy);
+    b[ch] = constant ? 0.f : static_cast<float>(-ga * invstd * s.dy_xmu / count);
+    c[ch] = constant ? 0.f : static_cast<float>(-ga * s.dy / count);
   }
 };
+
+// sum(dy * (x - mean)) -> sum(dy * xhat).
+sums to_xhat(sums s, float var, float eps) { return {s.dy, s.dy_xmu * invstd_of(var, eps)}; }
+
+// ---------------------------------------------------------------------------
+// The phases, each one parallel region. Scratch `part` holds slices x c
+// partial results: part[s * c + channel].
+
+void moments_phase(const kernel_table& k, const plan& p, const float* x, int nt, partial* part,
+                   partial* out) {
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    if (p.nhwc) {
+#pragma omp for schedule(static)
+      for (int64_t s = 0; s < p.slices; ++s) nhwc_slice_moments(k, p, x, s, part + s * p.c);
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < p.c * p.slices; ++i) {
+        const int64_t c = i / p.slices, s = i % p.slices;
+        part[s * p.c + c] = nchw_slice_moments(k, p, x + c * p.spatial, s);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < p.c; ++c) {
+      out[c] = {{0, 0}, 0};
+      for (int64_t s = 0; s < p.slices; ++s) merge(out[c], part[s * p.c + c].m, part[s * p.c + c].n);
+    }
+  }
+}
+
+void sums_phase(const kernel_table& k, const plan& p, const float* x, const float* dy,
+                const float* mean, const uint8_t* mask, int nt, sums* part, sums* out) {
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    if (p.nhwc) {
+#pragma omp for schedule(static)
+      for (int64_t s = 0; s < p.slices; ++s)
+        nhwc_slice_sums(k, p, x, dy, mean, mask, s, part + s * p.c);
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < p.c * p.slices; ++i) {
+        const int64_t c = i / p.slices, s = i % p.slices;
+        part[s * p.c + c] = nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < p.c; ++c) {
+      out[c] = {0, 0};
+      for (int64_t s = 0; s < p.slices; ++s) {
+        out[c].dy += part[s * p.c + c].dy;
+        out[c].dy_xmu += part[s * p.c + c].dy_xmu;
+      }
+    }
+  }
+}
+
+void normalize_phase(const kernel_table& k, const plan& p, const normalize_args& args, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t i = 0; i < elementwise_items(p); ++i) normalize_item(k, p, args, i);
+}
+
+void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t i = 0; i < elementwise_items(p); ++i) apply_item(k, p, args, i);
+}
+
+// NCHW with enough channels: each thread takes whole channels and runs both
+// passes on one channel while it is still in cache. The arithmetic is the
+// same as the phases', so the results are bitwise the same.
+bool by_channel(const plan& p, int nt) { return !p.nhwc && (nt == 1 || p.c >= 4 * nt); }
 
 // ---------------------------------------------------------------------------
 // Argument checks.
@@ -382,6 +451,64 @@ std::unique_ptr<T[]> allocate(int64_t n) {
   return std::unique_ptr<T[]>(new (std::nothrow) T[static_cast<size_t>(n)]);
 }
 
+// Checks shared by the operators that read a tensor with given statistics.
+bnorm_status check_common(const char* fn, const bnorm_shape* shape, float eps, unsigned flags,
+                          unsigned allowed, int64_t* total) {
+  BNORM_CHECK(check_shape(fn, shape, total));
+  return check_eps_flags(fn, eps, flags, allowed);
+}
+
+bnorm_status out_of_memory(const char* fn, int64_t c) {
+  return fail(BNORM_OUT_OF_MEMORY, "%s: no memory for %lld channels' scratch", fn,
+              static_cast<long long>(c));
+}
+
+// y from given statistics; writes the mask if `relu_mask` is not NULL.
+bnorm_status normalize_op(const char* fn, const bnorm_shape* shape, float eps, unsigned flags,
+                          const float* x, const float* gamma, const float* beta,
+                          const float* mean, const float* var, float* y, uint8_t* relu_mask) {
+  const plan p = make_plan(*shape);
+  const int64_t total = shape->n * shape->c * shape->spatial;
+  if (total == 0) return succeed();
+  auto coef = allocate<float>(2 * p.c);
+  if (!coef) return out_of_memory(fn, p.c);
+  float* scale = coef.get();
+  float* shift = coef.get() + p.c;
+  for (int64_t c = 0; c < p.c; ++c) scale_shift(gamma, beta, var[c], eps, c, scale, shift);
+  const normalize_args args{x, y, mean, scale, shift, (flags & BNORM_FUSE_RELU) != 0, relu_mask};
+  normalize_phase(kernels(), p, args, threads_for(2 * total * static_cast<int64_t>(sizeof(float))));
+  return succeed();
+}
+
+// dx from the per-channel sum(dy), sum(dy * xhat) over `count` values.
+bnorm_status apply_op(const char* fn, const bnorm_shape* shape, float eps, unsigned flags,
+                      const float* x, const float* dy, const float* gamma, const float* mean,
+                      const float* var, const uint8_t* relu_mask, const sums* channel_sums,
+                      int64_t count, float* dx) {
+  const plan p = make_plan(*shape);
+  const int64_t total = shape->n * shape->c * shape->spatial;
+  if (total == 0) return succeed();
+  auto coef = allocate<float>(3 * p.c);
+  if (!coef) return out_of_memory(fn, p.c);
+  const bool global = flags & BNORM_GLOBAL_STATS;
+  const backward_coefficients coefficients{gamma,      var,          eps,
+                                           static_cast<double>(count), global,
+                                           coef.get(), coef.get() + p.c, coef.get() + 2 * p.c};
+  for (int64_t c = 0; c < p.c; ++c) coefficients(c, channel_sums ? channel_sums[c] : sums{0, 0});
+  const apply_args args{global ? nullptr : x, dy,      dx, mean, coefficients.a, coefficients.b,
+                        coefficients.c,       (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr};
+  apply_phase(kernels(), p, args, threads_for(3 * total * static_cast<int64_t>(sizeof(float))));
+  return succeed();
+}
+
+bnorm_status check_overlap(const char* fn, const float* out, const char* out_name, const float* in,
+                           const char* in_name, int64_t total, bool may_equal) {
+  if ((out != in || !may_equal) && overlap(out, in, total))
+    return fail(BNORM_INVALID_ARGUMENT, "%s: %s overlaps %s%s", fn, out_name, in_name,
+                may_equal ? " without being it" : "");
+  return BNORM_SUCCESS;
+}
+
 }  // namespace
 }  // namespace bnorm
 
@@ -410,62 +537,36 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   const bool relu = flags & BNORM_FUSE_RELU;
   if (relu && !relu_mask)
     return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
-  if (y != x && overlap(x, y, total))
-    return fail(BNORM_INVALID_ARGUMENT, "%s: y overlaps x without being x", fn);
+  BNORM_CHECK(check_overlap(fn, y, "y", x, "x", total, true));
 
   const plan p = make_plan(*shape);
   const kernel_table& k = kernels();
   const int nt = threads_for(2 * total * static_cast<int64_t>(sizeof(float)));
-  // NCHW with enough channels: each thread takes whole channels, computing
-  // the statistics and then normalizing while the channel is still in cache.
-  // Otherwise the slices of every channel are spread over the threads.
-  const bool by_channel = !p.nhwc && (nt == 1 || p.c >= 4 * nt);
-  auto coef = allocate<float>(2 * p.c);
-  auto slices = allocate<partial>(by_channel ? 0 : p.slices * p.c);
-  if (!coef || (!by_channel && !slices))
-    return fail(BNORM_OUT_OF_MEMORY, "%s: no memory for %lld channels' scratch", fn,
-                static_cast<long long>(p.c));
-  float* scale = coef.get();
-  float* shift = coef.get() + p.c;
-  const normalize_args args{x, y, mean, scale, shift, relu, relu ? relu_mask : nullptr};
-
-  if (by_channel) {
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (int64_t c = 0; c < p.c; ++c) {
-      partial acc{{0, 0}, 0};
-      for (int64_t s = 0; s < p.slices; ++s) {
-        const partial part = nchw_slice_moments(k, p, x + c * p.spatial, s);
-        merge(acc, part.m, part.n);
-      }
-      finish_moments(acc, &mean[c], &var[c]);
-      scale_shift(gamma, beta, var[c], eps, c, scale, shift);
-      for (int64_t ch = 0; ch < p.chunks; ++ch) normalize_item(k, p, args, c * p.chunks + ch);
-    }
-    return succeed();
+  if (!by_channel(p, nt)) {
+    // moments -> merge -> normalize, exactly as the split-phase API.
+    auto part = allocate<partial>((p.slices + 1) * p.c);
+    if (!part) return out_of_memory(fn, p.c);
+    partial* channel = part.get() + p.slices * p.c;
+    moments_phase(k, p, x, nt, part.get(), channel);
+    for (int64_t c = 0; c < p.c; ++c) finish_moments(channel[c], &mean[c], &var[c]);
+    return normalize_op(fn, shape, eps, flags, x, gamma, beta, mean, var, y, relu_mask);
   }
 
-  partial* part = slices.get();  // part[s * c + channel]
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    if (p.nhwc) {
-#pragma omp for schedule(static)
-      for (int64_t s = 0; s < p.slices; ++s) nhwc_slice_moments(k, p, x, s, part + s * p.c);
-    } else {
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < p.c * p.slices; ++i) {
-        const int64_t c = i / p.slices, s = i % p.slices;
-        part[s * p.c + c] = nchw_slice_moments(k, p, x + c * p.spatial, s);
-      }
+  auto coef = allocate<float>(2 * p.c);
+  if (!coef) return out_of_memory(fn, p.c);
+  float* scale = coef.get();
+  float* shift = coef.get() + p.c;
+  const normalize_args args{x, y, mean, scale, shift, relu, relu_mask};
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t c = 0; c < p.c; ++c) {
+    partial acc{{0, 0}, 0};
+    for (int64_t s = 0; s < p.slices; ++s) {
+      const partial part = nchw_slice_moments(k, p, x + c * p.spatial, s);
+      merge(acc, part.m, part.n);
     }
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < p.c; ++c) {
-      partial acc{{0, 0}, 0};
-      for (int64_t s = 0; s < p.slices; ++s) merge(acc, part[s * p.c + c].m, part[s * p.c + c].n);
-      finish_moments(acc, &mean[c], &var[c]);
-      scale_shift(gamma, beta, var[c], eps, c, scale, shift);
-    }
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < elementwise_items(p); ++i) normalize_item(k, p, args, i);
+    finish_moments(acc, &mean[c], &var[c]);
+    scale_shift(gamma, beta, var[c], eps, c, scale, shift);
+    for (int64_t ch = 0; ch < p.chunks; ++ch) normalize_item(k, p, args, c * p.chunks + ch);
   }
   return succeed();
 }
@@ -475,31 +576,154 @@ bnorm_status bnorm_forward_inference(const bnorm_shape* shape, float eps, unsign
                                      const float* mean, const float* var, float* y) {
   static const char fn[] = "bnorm_forward_inference";
   int64_t total = 0;
-  BNORM_CHECK(check_shape(fn, shape, &total));
-  BNORM_CHECK(check_eps_flags(fn, eps, flags, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS));
+  BNORM_CHECK(check_common(fn, shape, eps, flags, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS, &total));
   BNORM_REQUIRE(x);
   BNORM_REQUIRE(mean);
   BNORM_REQUIRE(var);
   BNORM_REQUIRE(y);
-  if (y != x && overlap(x, y, total))
-    return fail(BNORM_INVALID_ARGUMENT, "%s: y overlaps x without being x", fn);
-  if (total == 0) return succeed();
+  BNORM_CHECK(check_overlap(fn, y, "y", x, "x", total, true));
+  return normalize_op(fn, shape, eps, flags, x, gamma, beta, mean, var, y, nullptr);
+}
 
+bnorm_status bnorm_normalize(const bnorm_shape* shape, float eps, unsigned flags, const float* x,
+                             const float* gamma, const float* beta, const float* mean,
+                             const float* var, float* y, uint8_t* relu_mask) {
+  static const char fn[] = "bnorm_normalize";
+  int64_t total = 0;
+  BNORM_CHECK(check_common(fn, shape, eps, flags, BNORM_FUSE_RELU, &total));
+  BNORM_REQUIRE(x);
+  BNORM_REQUIRE(mean);
+  BNORM_REQUIRE(var);
+  BNORM_REQUIRE(y);
+  if ((flags & BNORM_FUSE_RELU) && !relu_mask)
+    return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
+  BNORM_CHECK(check_overlap(fn, y, "y", x, "x", total, true));
+  return normalize_op(fn, shape, eps, flags, x, gamma, beta, mean, var, y,
+                      (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr);
+}
+
+bnorm_status bnorm_moments(const bnorm_shape* shape, const float* x, double* mean, double* m2) {
+  static const char fn[] = "bnorm_moments";
+  int64_t total = 0;
+  BNORM_CHECK(check_shape(fn, shape, &total));
+  BNORM_REQUIRE(x);
+  BNORM_REQUIRE(mean);
+  BNORM_REQUIRE(m2);
   const plan p = make_plan(*shape);
-  const kernel_table& k = kernels();
-  auto coef = allocate<float>(2 * p.c);
-  if (!coef)
-    return fail(BNORM_OUT_OF_MEMORY, "%s: no memory for %lld channels' scratch", fn,
-                static_cast<long long>(p.c));
-  float* scale = coef.get();
-  float* shift = coef.get() + p.c;
-  for (int64_t c = 0; c < p.c; ++c) scale_shift(gamma, beta, var[c], eps, c, scale, shift);
-
-  const normalize_args args{x, y, mean, scale, shift, (flags & BNORM_FUSE_RELU) != 0, nullptr};
-  const int nt = threads_for(2 * total * static_cast<int64_t>(sizeof(float)));
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t i = 0; i < elementwise_items(p); ++i) normalize_item(k, p, args, i);
+  auto part = allocate<partial>((p.slices + 1) * p.c);
+  if (!part) return out_of_memory(fn, p.c);
+  partial* channel = part.get() + p.slices * p.c;
+  if (total == 0) {
+    for (int64_t c = 0; c < p.c; ++c) channel[c] = {{0, 0}, 0};
+  } else {
+    moments_phase(kernels(), p, x, threads_for(total * static_cast<int64_t>(sizeof(float))),
+                  part.get(), channel);
+  }
+  for (int64_t c = 0; c < p.c; ++c) {
+    mean[c] = channel[c].m.mean;
+    m2[c] = channel[c].m.m2;
+  }
   return succeed();
+}
+
+bnorm_status bnorm_merge_moments(int64_t k, int64_t c, const int64_t* counts, const double* mean,
+                                 const double* m2, float* merged_mean, float* merged_var) {
+  static const char fn[] = "bnorm_merge_moments";
+  if (k <= 0 || c <= 0)
+    return fail(BNORM_INVALID_ARGUMENT, "%s: k = %lld sets of c = %lld channels (need both > 0)",
+                fn, static_cast<long long>(k), static_cast<long long>(c));
+  BNORM_REQUIRE(counts);
+  BNORM_REQUIRE(mean);
+  BNORM_REQUIRE(m2);
+  BNORM_REQUIRE(merged_mean);
+  BNORM_REQUIRE(merged_var);
+  int64_t kc = 0, sum = 0;
+  if (__builtin_mul_overflow(k, c, &kc))
+    return fail(BNORM_INVALID_ARGUMENT, "%s: k*c overflows", fn);
+  for (int64_t i = 0; i < k; ++i) {
+    if (counts[i] < 0 || __builtin_add_overflow(sum, counts[i], &sum))
+      return fail(BNORM_INVALID_ARGUMENT, "%s: counts[%lld] = %lld is negative or overflows", fn,
+                  static_cast<long long>(i), static_cast<long long>(counts[i]));
+  }
+  if (sum == 0) return fail(BNORM_INVALID_ARGUMENT, "%s: no values (all counts are 0)", fn);
+  // Sets merged in index order: every caller that passes the same sets in
+  // the same order (every MPI rank) gets bitwise the same result.
+  for (int64_t j = 0; j < c; ++j) {
+    partial acc{{0, 0}, 0};
+    for (int64_t i = 0; i < k; ++i)
+      if (counts[i] > 0) merge(acc, {mean[i * c + j], m2[i * c + j]}, static_cast<double>(counts[i]));
+    finish_moments(acc, &merged_mean[j], &merged_var[j]);
+  }
+  return succeed();
+}
+
+bnorm_status bnorm_backward_reduce(const bnorm_shape* shape, float eps, unsigned flags,
+                                   const float* x, const float* dy, const float* mean,
+                                   const float* var, const uint8_t* relu_mask, double* sum_dy,
+                                   double* sum_dy_xhat) {
+  static const char fn[] = "bnorm_backward_reduce";
+  int64_t total = 0;
+  BNORM_CHECK(check_common(fn, shape, eps, flags, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS, &total));
+  BNORM_REQUIRE(x);
+  BNORM_REQUIRE(dy);
+  BNORM_REQUIRE(mean);
+  BNORM_REQUIRE(var);
+  BNORM_REQUIRE(sum_dy);
+  BNORM_REQUIRE(sum_dy_xhat);
+  if ((flags & BNORM_FUSE_RELU) && !relu_mask)
+    return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
+  const plan p = make_plan(*shape);
+  auto part = allocate<sums>((p.slices + 1) * p.c);
+  if (!part) return out_of_memory(fn, p.c);
+  sums* channel = part.get() + p.slices * p.c;
+  if (total == 0) {
+    for (int64_t c = 0; c < p.c; ++c) channel[c] = {0, 0};
+  } else {
+    sums_phase(kernels(), p, x, dy, mean, (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr,
+               threads_for(2 * total * static_cast<int64_t>(sizeof(float))), part.get(), channel);
+  }
+  for (int64_t c = 0; c < p.c; ++c) {
+    const sums s = to_xhat(channel[c], var[c], eps);
+    sum_dy[c] = s.dy;
+    sum_dy_xhat[c] = s.dy_xmu;
+  }
+  return succeed();
+}
+
+bnorm_status bnorm_backward_apply(const bnorm_shape* shape, float eps, unsigned flags,
+                                  const float* x, const float* dy, const float* gamma,
+                                  const float* mean, const float* var, const uint8_t* relu_mask,
+                                  const double* sum_dy, const double* sum_dy_xhat, int64_t count,
+                                  float* dx) {
+  static const char fn[] = "bnorm_backward_apply";
+  int64_t total = 0;
+  BNORM_CHECK(check_common(fn, shape, eps, flags, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS, &total));
+  const bool global = flags & BNORM_GLOBAL_STATS;
+  BNORM_REQUIRE(x);
+  BNORM_REQUIRE(dy);
+  BNORM_REQUIRE(mean);
+  BNORM_REQUIRE(var);
+  BNORM_REQUIRE(dx);
+  if (!global) {
+    BNORM_REQUIRE(sum_dy);
+    BNORM_REQUIRE(sum_dy_xhat);
+    if (count < shape->n * shape->spatial || count <= 0)
+      return fail(BNORM_INVALID_ARGUMENT,
+                  "%s: count = %lld must be the global number of values per channel (>= n*spatial "
+                  "= %lld, > 0)",
+                  fn, static_cast<long long>(count),
+                  static_cast<long long>(shape->n * shape->spatial));
+  }
+  if ((flags & BNORM_FUSE_RELU) && !relu_mask)
+    return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
+  BNORM_CHECK(check_overlap(fn, dx, "dx", dy, "dy", total, true));
+  BNORM_CHECK(check_overlap(fn, dx, "dx", x, "x", total, false));
+  const plan p = make_plan(*shape);
+  auto channel = allocate<sums>(global ? 0 : p.c);
+  if (!global && !channel) return out_of_memory(fn, p.c);
+  for (int64_t c = 0; !global && c < p.c; ++c) channel[c] = {sum_dy[c], sum_dy_xhat[c]};
+  return apply_op(fn, shape, eps, flags, x, dy, gamma, mean, var, relu_mask, channel.get(), count,
+                  dx);
 }
 
 bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags, const float* x,
@@ -508,8 +732,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
                             float* dbeta) {
   static const char fn[] = "bnorm_backward";
   int64_t total = 0;
-  BNORM_CHECK(check_shape(fn, shape, &total));
-  BNORM_CHECK(check_eps_flags(fn, eps, flags, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS));
+  BNORM_CHECK(check_common(fn, shape, eps, flags, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS, &total));
   BNORM_REQUIRE(x);
   BNORM_REQUIRE(dy);
   BNORM_REQUIRE(mean);
@@ -519,70 +742,54 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   const bool global = flags & BNORM_GLOBAL_STATS;
   if (relu && !relu_mask)
     return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
-  if (dx != dy && overlap(dx, dy, total))
-    return fail(BNORM_INVALID_ARGUMENT, "%s: dx overlaps dy without being dy", fn);
-  if (overlap(dx, x, total)) return fail(BNORM_INVALID_ARGUMENT, "%s: dx overlaps x", fn);
+  BNORM_CHECK(check_overlap(fn, dx, "dx", dy, "dy", total, true));
+  BNORM_CHECK(check_overlap(fn, dx, "dx", x, "x", total, false));
 
   const plan p = make_plan(*shape);
   const kernel_table& k = kernels();
   const int nt = threads_for(3 * total * static_cast<int64_t>(sizeof(float)));
-  const bool by_channel = !p.nhwc && (nt == 1 || p.c >= 4 * nt);
   const bool need_sums = total > 0 && (!global || dgamma || dbeta);
-  auto coef = allocate<float>(3 * p.c);
-  auto channel_sums = allocate<sums>(p.c);
-  auto slices = allocate<sums>(by_channel || !need_sums ? 0 : p.slices * p.c);
-  if (!coef || !channel_sums || (!by_channel && need_sums && !slices))
-    return fail(BNORM_OUT_OF_MEMORY, "%s: no memory for %lld channels' scratch", fn,
-                static_cast<long long>(p.c));
   const uint8_t* mask = relu ? relu_mask : nullptr;
-  const backward_coefficients coefficients{gamma, var, eps, static_cast<double>(p.count), global,
-                                           coef.get(), coef.get() + p.c, coef.get() + 2 * p.c,
-                                           dgamma, dbeta};
-  const apply_args args{global ? nullptr : x, dy, dx, mean, coefficients.a, coefficients.b,
-                        coefficients.c, mask};
-  sums* total_sums = channel_sums.get();
+  auto scratch = allocate<sums>((by_channel(p, nt) || !need_sums ? 1 : p.slices + 1) * p.c);
+  if (!scratch) return out_of_memory(fn, p.c);
+  sums* channel = scratch.get() + (by_channel(p, nt) || !need_sums ? 0 : p.slices * p.c);
 
-  if (by_channel) {
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (int64_t c = 0; c < p.c; ++c) {
-      sums acc{0, 0};
-      for (int64_t s = 0; need_sums && s < p.slices; ++s) {
-        const sums part = nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s);
-        acc.dy += part.dy;
-        acc.dy_xmu += part.dy_xmu;
-      }
-      coefficients(c, acc);
-      for (int64_t ch = 0; ch < p.chunks; ++ch) apply_item(k, p, args, c * p.chunks + ch);
+  if (!by_channel(p, nt) || total == 0) {
+    // reduce -> apply, exactly as the split-phase API.
+    if (need_sums) {
+      sums_phase(k, p, x, dy, mean, mask, nt, scratch.get(), channel);
+    } else {
+      for (int64_t c = 0; c < p.c; ++c) channel[c] = {0, 0};
     }
-    return succeed();
+    for (int64_t c = 0; c < p.c; ++c) {
+      channel[c] = to_xhat(channel[c], var[c], eps);
+      if (dgamma) dgamma[c] = static_cast<float>(channel[c].dy_xmu);
+      if (dbeta) dbeta[c] = static_cast<float>(channel[c].dy);
+    }
+    return apply_op(fn, shape, eps, flags, x, dy, gamma, mean, var, relu_mask, channel, p.count,
+                    dx);
   }
 
-  sums* part = slices.get();  // part[s * c + channel]
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    if (need_sums && p.nhwc) {
-#pragma omp for schedule(static)
-      for (int64_t s = 0; s < p.slices; ++s)
-        nhwc_slice_sums(k, p, x, dy, mean, mask, s, part + s * p.c);
-    } else if (need_sums) {
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < p.c * p.slices; ++i) {
-        const int64_t c = i / p.slices, s = i % p.slices;
-        part[s * p.c + c] = nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s);
-      }
+  auto coef = allocate<float>(3 * p.c);
+  if (!coef) return out_of_memory(fn, p.c);
+  const backward_coefficients coefficients{gamma,      var,          eps,
+                                           static_cast<double>(p.count), global,
+                                           coef.get(), coef.get() + p.c, coef.get() + 2 * p.c};
+  const apply_args args{global ? nullptr : x, dy,     dx, mean, coefficients.a, coefficients.b,
+                        coefficients.c,       mask};
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t c = 0; c < p.c; ++c) {
+    sums acc{0, 0};
+    for (int64_t s = 0; need_sums && s < p.slices; ++s) {
+      const sums part = nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s);
+      acc.dy += part.dy;
+      acc.dy_xmu += part.dy_xmu;
     }
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < p.c; ++c) {
-      sums acc{0, 0};
-      for (int64_t s = 0; need_sums && s < p.slices; ++s) {
-        acc.dy += part[s * p.c + c].dy;
-        acc.dy_xmu += part[s * p.c + c].dy_xmu;
-      }
-      total_sums[c] = acc;
-      coefficients(c, acc);
-    }
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < elementwise_items(p); ++i) apply_item(k, p, args, i);
+    acc = to_xhat(acc, var[c], eps);
+    if (dgamma) dgamma[c] = static_cast<float>(acc.dy_xmu);
+    if (dbeta) dbeta[c] = static_cast<float>(acc.dy);
+    coefficients(c, acc);
+    for (int64_t ch = 0; ch < p.chunks; ++ch) apply_item(k, p, args, c * p.chunks + ch);
   }
   return succeed();
 }

@@ -73,6 +73,56 @@ BNORM_API bnorm_status bnorm_update_running_stats(int64_t c, int64_t count, floa
                                                   const float* mean, const float* var,
                                                   float* running_mean, float* running_var);
 
+/* ---- Split-phase API, for frameworks and distributed training ----------
+ * Forward training is exactly
+ *   bnorm_moments -> bnorm_merge_moments -> bnorm_normalize
+ * and backward is exactly
+ *   bnorm_backward_reduce -> (sum across workers) -> bnorm_backward_apply
+ * (with one set of moments and local sums, the results are bitwise those of
+ * bnorm_forward_training and bnorm_backward). */
+
+/* Per-channel mean and M2 = sum((x - mean)^2) over the n*spatial values of
+ * each channel, in double. n*spatial == 0 gives mean = M2 = 0. */
+BNORM_API bnorm_status bnorm_moments(const bnorm_shape* shape, const float* x, double* mean,
+                                     double* m2);
+
+/* Merges k sets of per-channel moments (set i holds counts[i] values per
+ * channel: mean[i*c + j], m2[i*c + j]) in index order with Chan's formula
+ * into the mean and population variance. Sets with count 0 are skipped; at
+ * least one count must be positive. */
+BNORM_API bnorm_status bnorm_merge_moments(int64_t k, int64_t c, const int64_t* counts,
+                                           const double* mean, const double* m2,
+                                           float* merged_mean, float* merged_var);
+
+/* y = gamma*(x-mean)/sqrt(var+eps) + beta with the given statistics, like
+ * bnorm_forward_inference, and with BNORM_FUSE_RELU also the mask (then
+ * required), like bnorm_forward_training. */
+BNORM_API bnorm_status bnorm_normalize(const bnorm_shape* shape, float eps, unsigned flags,
+                                       const float* x, const float* gamma, const float* beta,
+                                       const float* mean, const float* var, float* y,
+                                       uint8_t* relu_mask);
+
+/* Per-channel sum(dy) and sum(dy * xhat) over this tensor, xhat =
+ * (x - mean)/sqrt(var + eps), dy zeroed where the ReLU mask bit is clear.
+ * These are dbeta and dgamma of this tensor; summed over workers, the
+ * global ones. */
+BNORM_API bnorm_status bnorm_backward_reduce(const bnorm_shape* shape, float eps, unsigned flags,
+                                             const float* x, const float* dy,
+                                             const float* mean, const float* var,
+                                             const uint8_t* relu_mask, double* sum_dy,
+                                             double* sum_dy_xhat);
+
+/* dx = gamma*invstd*(dy - sum_dy/count - xhat*sum_dy_xhat/count) from the
+ * global sums over `count` values per channel (count >= n*spatial). With
+ * BNORM_GLOBAL_STATS, dx = gamma*invstd*dy and the sums may be NULL. dx may
+ * equal dy. */
+BNORM_API bnorm_status bnorm_backward_apply(const bnorm_shape* shape, float eps, unsigned flags,
+                                            const float* x, const float* dy,
+                                            const float* gamma, const float* mean,
+                                            const float* var, const uint8_t* relu_mask,
+                                            const double* sum_dy, const double* sum_dy_xhat,
+                                            int64_t count, float* dx);
+
 /* Never NULL. */
 BNORM_API const char* bnorm_status_string(bnorm_status status);
 
