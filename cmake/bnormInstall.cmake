@@ -20,6 +20,9 @@ install(FILES ${CMAKE_CURRENT_BINARY_DIR}/bnormConfig.cmake
               ${CMAKE_CURRENT_BINARY_DIR}/bnormConfigVersion.cmake
         DESTINATION ${BNORM_CMAKE_DIR})
 
+# Relocatable: the prefix is found from the .pc file's own directory.
+file(RELATIVE_PATH BNORM_PC_TO_PREFIX ${CMAKE_INSTALL_FULL_LIBDIR}/pkgconfig ${CMAKE_INSTALL_PREFIX})
+string(REGEX REPLACE "/$" "" BNORM_PC_TO_PREFIX "${BNORM_PC_TO_PREFIX}")
 configure_file(cmake/bnorm.pc.in ${CMAKE_CURRENT_BINARY_DIR}/bnorm.pc @ONLY)
 install(FILES ${CMAKE_CURRENT_BINARY_DIR}/bnorm.pc
         DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig)
