@@ -9,6 +9,7 @@
 // computes which chunk, never the order of the arithmetic, so every output is
 // bitwise the same for any thread count and any run (for one instruction set).
 #include <omp.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdarg>
@@ -118,6 +119,20 @@ int64_t nhwc_chunk(const plan& p, int64_t k, int64_t col, region* r) {
 
 int64_t slice_begin(const plan& p, int64_t slice) { return slice * p.chunks / p.slices; }
 
+// The last-level cache size the machine reports (sysconf reads CPUID).
+int64_t cache_bytes() {
+  static const int64_t bytes = [] {
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE), l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return static_cast<int64_t>(l3 > 0 ? l3 : l2 > 0 ? l2 : 1 << 20);
+  }();
+  return bytes;
+}
+
+// Non-temporal stores pay off only when the data cannot stay in cache:
+// then they skip the read-for-ownership of every output line and leave the
+// cache to the inputs. In cache, ordinary stores are faster.
+bool stream_for(int64_t bytes) { return bytes > cache_bytes(); }
+
 int threads_for(int64_t bytes) {
   const int64_t useful = bytes / kBytesPerThread;
   const int max_threads = omp_get_max_threads();
@@ -199,7 +214,10 @@ void nhwc_slice_moments(const kernel_table& k, const plan& p, const float* x, in
 // Elementwise passes, shared by training, inference and backward: `item`
 // numbers NCHW (channel, chunk) pairs or NHWC chunks (all column blocks).
 
+// NCHW items run channel-fastest, which for whole-row chunks is memory
+// order: consecutive items are adjacent rows, one long stream per thread.
 int64_t elementwise_items(const plan& p) { return p.nhwc ? p.chunks : p.c * p.chunks; }
+int64_t nchw_item(const plan& p, int64_t c, int64_t chunk) { return chunk * p.c + c; }
 
 struct normalize_args {
   const float* x;
@@ -209,23 +227,23 @@ struct normalize_args {
   const float* shift;
   bool relu;
   uint8_t* mask;  // nullptr: no mask to write
+  bool stream;    // non-temporal stores
 };
 
 void normalize_item(const kernel_table& k, const plan& p, const normalize_args& a, int64_t item) {
   if (p.nhwc) {
-    for (int64_t col = 0; col < p.c; col += kColumnBlock) {
-      region r;
-      const int64_t at = nhwc_chunk(p, item, col, &r);
-      k.normalize_nhwc(a.x + at, a.y + at, r, a.mean + col, a.scale + col, a.shift + col,
-                       {a.relu, a.mask, at});
-    }
+    region r;
+    const int64_t at = nhwc_chunk(p, item, 0, &r);
+    r.cols = p.c;  // whole rows
+    k.normalize_nhwc(a.x + at, a.y + at, r, a.mean, a.scale, a.shift, {a.relu, a.mask, at},
+                     a.stream);
     return;
   }
-  const int64_t c = item / p.chunks;
+  const int64_t c = item % p.c;
   region r;
-  const int64_t at = c * p.spatial + nchw_chunk(p, item % p.chunks, &r);
+  const int64_t at = c * p.spatial + nchw_chunk(p, item / p.c, &r);
   k.normalize_nchw(a.x + at, a.y + at, r, a.mean[c], a.scale[c], a.shift[c],
-                   {a.relu, a.mask, at});
+                   {a.relu, a.mask, at}, a.stream);
 }
 
 struct apply_args {
@@ -237,23 +255,23 @@ struct apply_args {
   const float* b;
   const float* c;
   const uint8_t* mask;
+  bool stream;
 };
 
 void apply_item(const kernel_table& k, const plan& p, const apply_args& a, int64_t item) {
   if (p.nhwc) {
-    for (int64_t col = 0; col < p.c; col += kColumnBlock) {
-      region r;
-      const int64_t at = nhwc_chunk(p, item, col, &r);
-      k.backward_apply_nhwc(a.x ? a.x + at : nullptr, a.dy + at, a.dx + at, r, a.mean + col,
-                            a.a + col, a.b + col, a.c + col, {a.mask, at});
-    }
+    region r;
+    const int64_t at = nhwc_chunk(p, item, 0, &r);
+    r.cols = p.c;  // whole rows
+    k.backward_apply_nhwc(a.x ? a.x + at : nullptr, a.dy + at, a.dx + at, r, a.mean, a.a, a.b,
+                          a.c, {a.mask, at}, a.stream);
     return;
   }
-  const int64_t ch = item / p.chunks;
+  const int64_t ch = item % p.c;
   region r;
-  const int64_t at = ch * p.spatial + nchw_chunk(p, item % p.chunks, &r);
+  const int64_t at = ch * p.spatial + nchw_chunk(p, item / p.c, &r);
   k.backward_apply_nchw(a.x ? a.x + at : nullptr, a.dy + at, a.dx + at, r, a.mean[ch], a.a[ch],
-                        a.b[ch], a.c[ch], {a.mask, at});
+                        a.b[ch], a.c[ch], {a.mask, at}, a.stream);
 }
 
 // ---------------------------------------------------------------------------
@@ -475,8 +493,10 @@ bnorm_status normalize_op(const char* fn, const bnorm_shape* shape, float eps, u
   float* scale = coef.get();
   float* shift = coef.get() + p.c;
   for (int64_t c = 0; c < p.c; ++c) scale_shift(gamma, beta, var[c], eps, c, scale, shift);
-  const normalize_args args{x, y, mean, scale, shift, (flags & BNORM_FUSE_RELU) != 0, relu_mask};
-  normalize_phase(kernels(), p, args, threads_for(2 * total * static_cast<int64_t>(sizeof(float))));
+  const int64_t bytes = 2 * total * static_cast<int64_t>(sizeof(float));
+  const normalize_args args{x,     y, mean, scale, shift, (flags & BNORM_FUSE_RELU) != 0,
+                            relu_mask, stream_for(bytes)};
+  normalize_phase(kernels(), p, args, threads_for(bytes));
   return succeed();
 }
 
@@ -495,9 +515,17 @@ bnorm_status apply_op(const char* fn, const bnorm_shape* shape, float eps, unsig
                                            static_cast<double>(count), global,
                                            coef.get(), coef.get() + p.c, coef.get() + 2 * p.c};
   for (int64_t c = 0; c < p.c; ++c) coefficients(c, channel_sums ? channel_sums[c] : sums{0, 0});
-  const apply_args args{global ? nullptr : x, dy,      dx, mean, coefficients.a, coefficients.b,
-                        coefficients.c,       (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr};
-  apply_phase(kernels(), p, args, threads_for(3 * total * static_cast<int64_t>(sizeof(float))));
+  const int64_t bytes = 3 * total * static_cast<int64_t>(sizeof(float));
+  const apply_args args{global ? nullptr : x,
+                        dy,
+                        dx,
+                        mean,
+                        coefficients.a,
+                        coefficients.b,
+                        coefficients.c,
+                        (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr,
+                        stream_for(bytes)};
+  apply_phase(kernels(), p, args, threads_for(bytes));
   return succeed();
 }
 
@@ -556,7 +584,8 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   if (!coef) return out_of_memory(fn, p.c);
   float* scale = coef.get();
   float* shift = coef.get() + p.c;
-  const normalize_args args{x, y, mean, scale, shift, relu, relu_mask};
+  const normalize_args args{x,    y,         mean, scale,
+                            shift, relu, relu_mask, stream_for(2 * total * static_cast<int64_t>(sizeof(float)))};
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t c = 0; c < p.c; ++c) {
     partial acc{{0, 0}, 0};
@@ -566,7 +595,7 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
     }
     finish_moments(acc, &mean[c], &var[c]);
     scale_shift(gamma, beta, var[c], eps, c, scale, shift);
-    for (int64_t ch = 0; ch < p.chunks; ++ch) normalize_item(k, p, args, c * p.chunks + ch);
+    for (int64_t ch = 0; ch < p.chunks; ++ch) normalize_item(k, p, args, nchw_item(p, c, ch));
   }
   return succeed();
 }
@@ -775,8 +804,9 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   const backward_coefficients coefficients{gamma,      var,          eps,
                                            static_cast<double>(p.count), global,
                                            coef.get(), coef.get() + p.c, coef.get() + 2 * p.c};
-  const apply_args args{global ? nullptr : x, dy,     dx, mean, coefficients.a, coefficients.b,
-                        coefficients.c,       mask};
+  const apply_args args{global ? nullptr : x, dy,   dx,
+                        mean,                 coefficients.a, coefficients.b,
+                        coefficients.c,       mask, stream_for(3 * total * static_cast<int64_t>(sizeof(float)))};
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t c = 0; c < p.c; ++c) {
     sums acc{0, 0};
@@ -789,7 +819,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
     if (dgamma) dgamma[c] = static_cast<float>(acc.dy_xmu);
     if (dbeta) dbeta[c] = static_cast<float>(acc.dy);
     coefficients(c, acc);
-    for (int64_t ch = 0; ch < p.chunks; ++ch) apply_item(k, p, args, c * p.chunks + ch);
+    for (int64_t ch = 0; ch < p.chunks; ++ch) apply_item(k, p, args, nchw_item(p, c, ch));
   }
   return succeed();
 }

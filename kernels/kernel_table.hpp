@@ -48,10 +48,12 @@ struct kernel_table {
   void (*moments_nhwc)(const float* x, region r, moments* out);
 
   // y = (x - mean) * scale + shift, then max(y, 0) and mask bits if ReLU.
+  // stream: non-temporal stores where y is vector-aligned (the elementwise
+  // kernels give the same bits either way).
   void (*normalize_nchw)(const float* x, float* y, region r, float mean, float scale,
-                         float shift, relu_bits relu);
+                         float shift, relu_bits relu, bool stream);
   void (*normalize_nhwc)(const float* x, float* y, region r, const float* mean,
-                         const float* scale, const float* shift, relu_bits relu);
+                         const float* scale, const float* shift, relu_bits relu, bool stream);
 
   // sum(dy) and sum(dy * (x - mean)), dy zeroed where the ReLU bit is clear.
   void (*backward_reduce_nchw)(const float* x, const float* dy, region r, float mean,
@@ -61,10 +63,10 @@ struct kernel_table {
 
   // dx = a * dy + ((x - mean) * b + c); x == nullptr means b = c = 0 (x unused).
   void (*backward_apply_nchw)(const float* x, const float* dy, float* dx, region r, float mean,
-                              float a, float b, float c, relu_bits_in relu);
+                              float a, float b, float c, relu_bits_in relu, bool stream);
   void (*backward_apply_nhwc)(const float* x, const float* dy, float* dx, region r,
                               const float* mean, const float* a, const float* b, const float* c,
-                              relu_bits_in relu);
+                              relu_bits_in relu, bool stream);
 };
 
 // The table for this process: chosen on first use from the CPU and the

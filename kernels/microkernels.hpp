@@ -191,96 +191,88 @@ void moments_nhwc(const float* x, region r, moments* out) {
 // waits for memory. ReLU keeps NaN (select on y <= 0, false for NaN).
 
 template <class A>
-inline simd::vfloat<A> relu(simd::vfloat<A> y) {
+inline simd::vfloat<A> relu_vec(simd::vfloat<A> y) {
   using V = simd::vfloat<A>;
   return xsimd::select(y <= V(0.f), V(0.f), y);
 }
 inline float relu1(float y) { return y <= 0.f ? 0.f : y; }
 
+// Scalar elements before y + j is vector-aligned (for streaming stores).
+template <class A>
+int64_t head_to_align(const float* y, int64_t cols) {
+  constexpr uintptr_t bytes = sizeof(simd::vfloat<A>);
+  const uintptr_t misalign = reinterpret_cast<uintptr_t>(y) % bytes;
+  const int64_t head = misalign ? static_cast<int64_t>((bytes - misalign) / sizeof(float)) : 0;
+  return std::min(head, cols);
+}
+
 template <class A>
 void normalize_nchw(const float* x, float* y, region r, float mean, float scale, float shift,
-                    relu_bits relu_out) {
+                    relu_bits relu_out, bool stream) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const V vm(mean), vs(scale), vb(shift);
+  const bool relu = relu_out.relu;
+  auto one = [&](float v) { return relu ? relu1(madd1<A>(v - mean, scale, shift))
+                                        : madd1<A>(v - mean, scale, shift); };
   for (int64_t i = 0; i < r.rows; ++i) {
     const float* xr = x + i * r.stride;
     float* yr = y + i * r.stride;
+    bit_writer bits(relu ? relu_out.bits : nullptr, relu_out.index + i * r.stride);
+    const int64_t head = stream ? head_to_align<A>(yr, r.cols) : 0;
     int64_t j = 0;
-    if (!relu_out.relu) {
-      for (; j + W <= r.cols; j += W)
-        madd(V::load_unaligned(xr + j) - vm, vs, vb).store_unaligned(yr + j);
-      for (; j < r.cols; ++j) yr[j] = madd1<A>(xr[j] - mean, scale, shift);
-      continue;
+    for (; j < head; ++j) {
+      yr[j] = one(xr[j]);
+      bits.push(yr[j] > 0.f, 1);
     }
-    bit_writer bits(relu_out.bits, relu_out.index + i * r.stride);
     for (; j + W <= r.cols; j += W) {
-      const V v = relu<A>(madd(V::load_unaligned(xr + j) - vm, vs, vb));
-      bits.push(to_bits<A>(v > V(0.f)), W);
-      v.store_unaligned(yr + j);
+      V v = madd(V::load_unaligned(xr + j) - vm, vs, vb);
+      if (relu) {
+        v = relu_vec<A>(v);
+        bits.push(to_bits<A>(v > V(0.f)), W);
+      }
+      simd::store<A>(yr + j, v, stream);
     }
     for (; j < r.cols; ++j) {
-      const float v = relu1(madd1<A>(xr[j] - mean, scale, shift));
-      bits.push(v > 0.f, 1);
-      yr[j] = v;
+      yr[j] = one(xr[j]);
+      bits.push(yr[j] > 0.f, 1);
     }
     bits.finish();
   }
+  if (stream) _mm_sfence();
 }
 
-template <class A, int Q>
-void normalize_columns(const float* x, float* y, region r, int64_t j0, const float* mean,
-                       const float* scale, const float* shift, relu_bits relu_out) {
-  using V = simd::vfloat<A>;
-  constexpr int64_t W = V::size;
-  V vm[Q], vs[Q], vb[Q];
-  for (int q = 0; q < Q; ++q) {
-    vm[q] = V::load_unaligned(mean + j0 + q * W);
-    vs[q] = V::load_unaligned(scale + j0 + q * W);
-    vb[q] = V::load_unaligned(shift + j0 + q * W);
-  }
-  for (int64_t i = 0; i < r.rows; ++i) {
-    const float* xr = x + i * r.stride + j0;
-    float* yr = y + i * r.stride + j0;
-    if (!relu_out.relu) {
-      for (int q = 0; q < Q; ++q)
-        madd(V::load_unaligned(xr + q * W) - vm[q], vs[q], vb[q]).store_unaligned(yr + q * W);
-      continue;
-    }
-    bit_writer bits(relu_out.bits, relu_out.index + i * r.stride + j0);
-    for (int q = 0; q < Q; ++q) {
-      const V v = relu<A>(madd(V::load_unaligned(xr + q * W) - vm[q], vs[q], vb[q]));
-      bits.push(to_bits<A>(v > V(0.f)), W);
-      v.store_unaligned(yr + q * W);
-    }
-    bits.finish();
-  }
-}
-
+// NHWC rows are normalized whole, in memory order: one stream in, one out;
+// the per-channel coefficients are re-read from L1 for every row.
 template <class A>
 void normalize_nhwc(const float* x, float* y, region r, const float* mean, const float* scale,
-                    const float* shift, relu_bits relu_out) {
-  constexpr int64_t W = simd::vfloat<A>::size;
-  int64_t j = 0;
-  for (; j + 4 * W <= r.cols; j += 4 * W)
-    normalize_columns<A, 4>(x, y, r, j, mean, scale, shift, relu_out);
-  for (; j + W <= r.cols; j += W)
-    normalize_columns<A, 1>(x, y, r, j, mean, scale, shift, relu_out);
-  if (j == r.cols) return;
+                    const float* shift, relu_bits relu_out, bool stream) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const bool relu = relu_out.relu;
   for (int64_t i = 0; i < r.rows; ++i) {
     const float* xr = x + i * r.stride;
     float* yr = y + i * r.stride;
-    if (!relu_out.relu) {
-      for (int64_t k = j; k < r.cols; ++k) yr[k] = madd1<A>(xr[k] - mean[k], scale[k], shift[k]);
-      continue;
+    const bool nt = stream && simd::is_aligned<A>(yr);
+    bit_writer bits(relu ? relu_out.bits : nullptr, relu_out.index + i * r.stride);
+    int64_t j = 0;
+    for (; j + W <= r.cols; j += W) {
+      V v = madd(V::load_unaligned(xr + j) - V::load_unaligned(mean + j),
+                 V::load_unaligned(scale + j), V::load_unaligned(shift + j));
+      if (relu) {
+        v = relu_vec<A>(v);
+        bits.push(to_bits<A>(v > V(0.f)), W);
+      }
+      simd::store<A>(yr + j, v, nt);
     }
-    bit_writer bits(relu_out.bits, relu_out.index + i * r.stride + j);
-    for (int64_t k = j; k < r.cols; ++k) {
-      yr[k] = relu1(madd1<A>(xr[k] - mean[k], scale[k], shift[k]));
-      bits.push(yr[k] > 0.f, 1);
+    for (; j < r.cols; ++j) {
+      const float v = madd1<A>(xr[j] - mean[j], scale[j], shift[j]);
+      yr[j] = relu ? relu1(v) : v;
+      bits.push(yr[j] > 0.f, 1);
     }
     bits.finish();
   }
+  if (stream) _mm_sfence();
 }
 
 // ---------------------------------------------------------------------------
@@ -289,7 +281,6 @@ void normalize_nhwc(const float* x, float* y, region r, const float* mean, const
 // apply: dx = a * dy + ((x - mean) * b + c), the per-channel coefficients
 // of dx = gamma*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)) (batchnorm.cpp).
 
-template <class A>
 inline float masked1(const float* dy, int64_t j, const uint8_t* bits, int64_t index) {
   return (!bits || ((bits[index >> 3] >> (index & 7)) & 1u)) ? dy[j] : 0.f;
 }
@@ -300,7 +291,7 @@ void backward_reduce_double(const float* x, const float* dy, region r, double me
   double s0 = 0.0, s1 = 0.0;
   for (int64_t i = 0; i < r.rows; ++i)
     for (int64_t j = 0; j < r.cols; ++j) {
-      const double g = masked1<A>(dy + i * r.stride, j, relu_in.bits, relu_in.index + i * r.stride + j);
+      const double g = masked1(dy + i * r.stride, j, relu_in.bits, relu_in.index + i * r.stride + j);
       s0 += g;
       s1 += g * (x[i * r.stride + j] - mean);
     }
@@ -329,7 +320,7 @@ void backward_reduce_nchw(const float* x, const float* dy, region r, float mean,
       s1[k] = madd(g, V::load_unaligned(xr + j) - vm, s1[k]);
     }
     for (; j < r.cols; ++j) {
-      const float g = masked1<A>(gr, j, relu_in.bits, index + j);
+      const float g = masked1(gr, j, relu_in.bits, index + j);
       t0 += g;
       t1 = madd1<A>(g, xr[j] - mean, t1);
     }
@@ -389,7 +380,7 @@ void backward_reduce_nhwc(const float* x, const float* dy, region r, const float
   for (; j < r.cols; ++j) {
     float t0 = 0.f, t1 = 0.f;
     for (int64_t i = 0; i < r.rows; ++i) {
-      const float g = masked1<A>(dy + i * r.stride, j, relu_in.bits, relu_in.index + i * r.stride + j);
+      const float g = masked1(dy + i * r.stride, j, relu_in.bits, relu_in.index + i * r.stride + j);
       t0 += g;
       t1 = madd1<A>(g, x[i * r.stride + j] - mean[j], t1);
     }
@@ -403,70 +394,59 @@ void backward_reduce_nhwc(const float* x, const float* dy, region r, const float
 
 template <class A>
 void backward_apply_nchw(const float* x, const float* dy, float* dx, region r, float mean,
-                         float a, float b, float c, relu_bits_in relu_in) {
+                         float a, float b, float c, relu_bits_in relu_in, bool stream) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const V vm(mean), va(a), vb(b), vc(c), zero(0.f);
   for (int64_t i = 0; i < r.rows; ++i) {
     const int64_t at = i * r.stride;
     const int64_t index = relu_in.index + at;
+    auto one = [&](int64_t j) {
+      const float g = masked1(dy + at, j, relu_in.bits, index + j);
+      const float rest = x ? madd1<A>(x[at + j] - mean, b, c) : 0.f;
+      dx[at + j] = madd1<A>(a, g, rest);
+    };
+    const int64_t head = stream ? head_to_align<A>(dx + at, r.cols) : 0;
     int64_t j = 0;
+    for (; j < head; ++j) one(j);
     for (; j + W <= r.cols; j += W) {
       V g = V::load_unaligned(dy + at + j);
       if (relu_in.bits) g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, index + j, W)), g, zero);
       const V rest = x ? madd(V::load_unaligned(x + at + j) - vm, vb, vc) : zero;
-      madd(va, g, rest).store_unaligned(dx + at + j);
+      simd::store<A>(dx + at + j, madd(va, g, rest), stream);
     }
-    for (; j < r.cols; ++j) {
-      const float g = masked1<A>(dy + at, j, relu_in.bits, index + j);
-      const float rest = x ? madd1<A>(x[at + j] - mean, b, c) : 0.f;
-      dx[at + j] = madd1<A>(a, g, rest);
-    }
+    for (; j < r.cols; ++j) one(j);
   }
-}
-
-template <class A, int Q>
-void backward_apply_columns(const float* x, const float* dy, float* dx, region r, int64_t j0,
-                            const float* mean, const float* a, const float* b, const float* c,
-                            relu_bits_in relu_in) {
-  using V = simd::vfloat<A>;
-  constexpr int64_t W = V::size;
-  const V zero(0.f);
-  V vm[Q], va[Q], vb[Q], vc[Q];
-  for (int q = 0; q < Q; ++q) {
-    vm[q] = V::load_unaligned(mean + j0 + q * W);
-    va[q] = V::load_unaligned(a + j0 + q * W);
-    vb[q] = V::load_unaligned(b + j0 + q * W);
-    vc[q] = V::load_unaligned(c + j0 + q * W);
-  }
-  for (int64_t i = 0; i < r.rows; ++i) {
-    const int64_t at = i * r.stride + j0;
-    for (int q = 0; q < Q; ++q) {
-      V g = V::load_unaligned(dy + at + q * W);
-      if (relu_in.bits)
-        g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, relu_in.index + at + q * W, W)), g, zero);
-      const V rest = x ? madd(V::load_unaligned(x + at + q * W) - vm[q], vb[q], vc[q]) : zero;
-      madd(va[q], g, rest).store_unaligned(dx + at + q * W);
-    }
-  }
+  if (stream) _mm_sfence();
 }
 
 template <class A>
 void backward_apply_nhwc(const float* x, const float* dy, float* dx, region r, const float* mean,
-                         const float* a, const float* b, const float* c, relu_bits_in relu_in) {
-  constexpr int64_t W = simd::vfloat<A>::size;
-  int64_t j = 0;
-  for (; j + 4 * W <= r.cols; j += 4 * W)
-    backward_apply_columns<A, 4>(x, dy, dx, r, j, mean, a, b, c, relu_in);
-  for (; j + W <= r.cols; j += W)
-    backward_apply_columns<A, 1>(x, dy, dx, r, j, mean, a, b, c, relu_in);
-  for (; j < r.cols; ++j)
-    for (int64_t i = 0; i < r.rows; ++i) {
-      const int64_t at = i * r.stride + j;
-      const float g = masked1<A>(dy + i * r.stride, j, relu_in.bits, relu_in.index + at);
-      const float rest = x ? madd1<A>(x[at] - mean[j], b[j], c[j]) : 0.f;
-      dx[at] = madd1<A>(a[j], g, rest);
+                         const float* a, const float* b, const float* c, relu_bits_in relu_in,
+                         bool stream) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const V zero(0.f);
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const int64_t at = i * r.stride;
+    const bool nt = stream && simd::is_aligned<A>(dx + at);
+    int64_t j = 0;
+    for (; j + W <= r.cols; j += W) {
+      V g = V::load_unaligned(dy + at + j);
+      if (relu_in.bits)
+        g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, relu_in.index + at + j, W)), g, zero);
+      const V rest = x ? madd(V::load_unaligned(x + at + j) - V::load_unaligned(mean + j),
+                              V::load_unaligned(b + j), V::load_unaligned(c + j))
+                       : zero;
+      simd::store<A>(dx + at + j, madd(V::load_unaligned(a + j), g, rest), nt);
     }
+    for (; j < r.cols; ++j) {
+      const float g = masked1(dy + at, j, relu_in.bits, relu_in.index + at + j);
+      const float rest = x ? madd1<A>(x[at + j] - mean[j], b[j], c[j]) : 0.f;
+      dx[at + j] = madd1<A>(a[j], g, rest);
+    }
+  }
+  if (stream) _mm_sfence();
 }
 
 }  // namespace kernels_for

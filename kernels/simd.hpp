@@ -47,6 +47,27 @@ inline float madd1(float a, float b, float c) {
   }
 }
 
+// Stores v at p; with `stream`, a non-temporal store (p must be aligned to
+// the vector size): it skips the read-for-ownership of the destination line
+// and does not evict the data we are about to read again.
+template <class A>
+inline void store(float* p, vfloat<A> v, bool stream) {
+  if (!stream) {
+    v.store_unaligned(p);
+  } else if constexpr (is_avx512<A>) {
+    _mm512_stream_ps(p, v);
+  } else if constexpr (is_avx<A>) {
+    _mm256_stream_ps(p, v);
+  } else {
+    _mm_stream_ps(p, v);
+  }
+}
+
+template <class A>
+inline bool is_aligned(const float* p) {
+  return reinterpret_cast<uintptr_t>(p) % sizeof(vfloat<A>) == 0;
+}
+
 // Lane i of the mask -> bit i.
 template <class A>
 inline uint32_t to_bits(vmask<A> m) {
