@@ -49,11 +49,10 @@ bnorm_status succeed() {
 // NCHW chunks hold at most this many values of one channel (16 KiB, a third
 // of a 48 KiB L1d: the moments kernel's second pass then reads L1).
 constexpr int64_t kChunkValues = 4096;
-// NHWC chunks are this many rows of at most kColumnBlock channels: again
-// 16 KiB, and 64 channels are four AVX-512 vectors, enough independent
-// accumulators to hide the add latency.
+// NHWC chunks are this many whole rows: the moments kernel's second pass
+// reads them again from L2 (64 rows of 2048 channels are 512 KiB), and every
+// channel gets a new partial result, merged in double, each 64 values.
 constexpr int64_t kChunkRows = 64;
-constexpr int64_t kColumnBlock = 64;
 // At most this many slices per channel: enough parallelism for 64 threads on
 // a single channel, and scratch of at most kMaxSlices x C partial moments.
 constexpr int64_t kMaxSlices = 64;
@@ -110,11 +109,11 @@ int64_t nchw_chunk(const plan& p, int64_t k, region* r) {
   return row * p.stride + col;
 }
 
-// Chunk k of NHWC column block [col, col + cols).
-int64_t nhwc_chunk(const plan& p, int64_t k, int64_t col, region* r) {
+// Chunk k of an NHWC tensor: whole rows.
+int64_t nhwc_chunk(const plan& p, int64_t k, region* r) {
   const int64_t row = k * kChunkRows;
-  *r = {std::min(kChunkRows, p.rows - row), std::min(kColumnBlock, p.c - col), p.stride};
-  return row * p.stride + col;
+  *r = {std::min(kChunkRows, p.rows - row), p.c, p.stride};
+  return row * p.stride;
 }
 
 int64_t slice_begin(const plan& p, int64_t slice) { return slice * p.chunks / p.slices; }
@@ -196,18 +195,16 @@ partial nchw_slice_moments(const kernel_table& k, const plan& p, const float* ch
 }
 
 // NHWC: the moments of slice `slice` of every channel, into acc[0, c).
+// chunk: c moments, work: 4c floats of scratch.
 void nhwc_slice_moments(const kernel_table& k, const plan& p, const float* x, int64_t slice,
-                        partial* acc) {
-  moments block[kColumnBlock];
+                        partial* acc, moments* chunk, float* work) {
   for (int64_t j = 0; j < p.c; ++j) acc[j] = {{0, 0}, 0};
-  for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch)
-    for (int64_t col = 0; col < p.c; col += kColumnBlock) {
-      region r;
-      const int64_t at = nhwc_chunk(p, ch, col, &r);
-      k.moments_nhwc(x + at, r, block);
-      for (int64_t j = 0; j < r.cols; ++j)
-        merge(acc[col + j], block[j], static_cast<double>(r.rows));
-    }
+  for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch) {
+    region r;
+    const int64_t at = nhwc_chunk(p, ch, &r);
+    k.moments_nhwc(x + at, r, chunk, work);
+    for (int64_t j = 0; j < p.c; ++j) merge(acc[j], chunk[j], static_cast<double>(r.rows));
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -233,8 +230,7 @@ struct normalize_args {
 void normalize_item(const kernel_table& k, const plan& p, const normalize_args& a, int64_t item) {
   if (p.nhwc) {
     region r;
-    const int64_t at = nhwc_chunk(p, item, 0, &r);
-    r.cols = p.c;  // whole rows
+    const int64_t at = nhwc_chunk(p, item, &r);
     k.normalize_nhwc(a.x + at, a.y + at, r, a.mean, a.scale, a.shift, {a.relu, a.mask, at},
                      a.stream);
     return;
@@ -261,8 +257,7 @@ struct apply_args {
 void apply_item(const kernel_table& k, const plan& p, const apply_args& a, int64_t item) {
   if (p.nhwc) {
     region r;
-    const int64_t at = nhwc_chunk(p, item, 0, &r);
-    r.cols = p.c;  // whole rows
+    const int64_t at = nhwc_chunk(p, item, &r);
     k.backward_apply_nhwc(a.x ? a.x + at : nullptr, a.dy + at, a.dx + at, r, a.mean, a.a, a.b,
                           a.c, {a.mask, at}, a.stream);
     return;
@@ -297,20 +292,20 @@ sums nchw_slice_sums(const kernel_table& k, const plan& p, const float* x, const
   return acc;
 }
 
+// chunk: 2c doubles, work: 2c floats of scratch.
 void nhwc_slice_sums(const kernel_table& k, const plan& p, const float* x, const float* dy,
-                     const float* mean, const uint8_t* mask, int64_t slice, sums* acc) {
-  double s0[kColumnBlock], s1[kColumnBlock];
+                     const float* mean, const uint8_t* mask, int64_t slice, sums* acc,
+                     double* chunk, float* work) {
   for (int64_t j = 0; j < p.c; ++j) acc[j] = {0, 0};
-  for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch)
-    for (int64_t col = 0; col < p.c; col += kColumnBlock) {
-      region r;
-      const int64_t at = nhwc_chunk(p, ch, col, &r);
-      k.backward_reduce_nhwc(x + at, dy + at, r, mean + col, {mask, at}, s0, s1);
-      for (int64_t j = 0; j < r.cols; ++j) {
-        acc[col + j].dy += s0[j];
-        acc[col + j].dy_xmu += s1[j];
-      }
+  for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch) {
+    region r;
+    const int64_t at = nhwc_chunk(p, ch, &r);
+    k.backward_reduce_nhwc(x + at, dy + at, r, mean, {mask, at}, chunk, chunk + p.c, work);
+    for (int64_t j = 0; j < p.c; ++j) {
+      acc[j].dy += chunk[j];
+      acc[j].dy_xmu += chunk[p.c + j];
     }
+  }
 }
 
 // The backward pass of y = gamma * (x - mean) * invstd + beta, per channel
@@ -348,16 +343,51 @@ struct backward_coefficients {
 sums to_xhat(sums s, float var, float eps) { return {s.dy, s.dy_xmu * invstd_of(var, eps)}; }
 
 // ---------------------------------------------------------------------------
-// The phases, each one parallel region. Scratch `part` holds slices x c
-// partial results: part[s * c + channel].
+// The reduction phases, each one parallel region. They allocate their
+// scratch first (slices x c partial results, part[s * c + channel], and
+// per-thread NHWC work space) and return false, having written nothing,
+// if that fails.
 
-void moments_phase(const kernel_table& k, const plan& p, const float* x, int nt, partial* part,
-                   partial* out) {
+template <class T>
+std::unique_ptr<T[]> allocate(int64_t n) {
+  return std::unique_ptr<T[]>(new (std::nothrow) T[static_cast<size_t>(n)]);
+}
+
+// Per-thread NHWC scratch: a chunk's per-channel results and the kernel's
+// work space.
+struct nhwc_scratch {
+  std::unique_ptr<unsigned char[]> bytes;
+  int64_t result_bytes = 0, per_thread = 0;
+
+  bool allocate_for(const plan& p, int nt, int64_t result_bytes_per_channel,
+                    int64_t work_floats_per_channel) {
+    if (!p.nhwc) return true;
+    result_bytes = p.c * result_bytes_per_channel;
+    per_thread = result_bytes + p.c * work_floats_per_channel * static_cast<int64_t>(sizeof(float));
+    bytes = allocate<unsigned char>(nt * per_thread);
+    return bytes != nullptr;
+  }
+  template <class T>
+  T* result(int thread) const {
+    return reinterpret_cast<T*>(bytes.get() + thread * per_thread);
+  }
+  float* work(int thread) const {
+    return reinterpret_cast<float*>(bytes.get() + thread * per_thread + result_bytes);
+  }
+};
+
+bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt, partial* out) {
+  auto part = allocate<partial>(p.slices * p.c);
+  nhwc_scratch scratch;
+  if (!part || !scratch.allocate_for(p, nt, sizeof(moments), 4)) return false;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
+    const int t = omp_get_thread_num();
     if (p.nhwc) {
 #pragma omp for schedule(static)
-      for (int64_t s = 0; s < p.slices; ++s) nhwc_slice_moments(k, p, x, s, part + s * p.c);
+      for (int64_t s = 0; s < p.slices; ++s)
+        nhwc_slice_moments(k, p, x, s, part.get() + s * p.c, scratch.result<moments>(t),
+                           scratch.work(t));
     } else {
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < p.c * p.slices; ++i) {
@@ -371,16 +401,22 @@ void moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
       for (int64_t s = 0; s < p.slices; ++s) merge(out[c], part[s * p.c + c].m, part[s * p.c + c].n);
     }
   }
+  return true;
 }
 
-void sums_phase(const kernel_table& k, const plan& p, const float* x, const float* dy,
-                const float* mean, const uint8_t* mask, int nt, sums* part, sums* out) {
+bool sums_phase(const kernel_table& k, const plan& p, const float* x, const float* dy,
+                const float* mean, const uint8_t* mask, int nt, sums* out) {
+  auto part = allocate<sums>(p.slices * p.c);
+  nhwc_scratch scratch;
+  if (!part || !scratch.allocate_for(p, nt, 2 * sizeof(double), 2)) return false;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
+    const int t = omp_get_thread_num();
     if (p.nhwc) {
 #pragma omp for schedule(static)
       for (int64_t s = 0; s < p.slices; ++s)
-        nhwc_slice_sums(k, p, x, dy, mean, mask, s, part + s * p.c);
+        nhwc_slice_sums(k, p, x, dy, mean, mask, s, part.get() + s * p.c,
+                        scratch.result<double>(t), scratch.work(t));
     } else {
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < p.c * p.slices; ++i) {
@@ -397,6 +433,7 @@ void sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
       }
     }
   }
+  return true;
 }
 
 void normalize_phase(const kernel_table& k, const plan& p, const normalize_args& args, int nt) {
@@ -464,11 +501,6 @@ bnorm_status check_eps_flags(const char* fn, float eps, unsigned flags, unsigned
     if (status_ != BNORM_SUCCESS) return status_; \
   } while (0)
 
-template <class T>
-std::unique_ptr<T[]> allocate(int64_t n) {
-  return std::unique_ptr<T[]>(new (std::nothrow) T[static_cast<size_t>(n)]);
-}
-
 // Checks shared by the operators that read a tensor with given statistics.
 bnorm_status check_common(const char* fn, const bnorm_shape* shape, float eps, unsigned flags,
                           unsigned allowed, int64_t* total) {
@@ -482,38 +514,34 @@ bnorm_status out_of_memory(const char* fn, int64_t c) {
 }
 
 // y from given statistics; writes the mask if `relu_mask` is not NULL.
-bnorm_status normalize_op(const char* fn, const bnorm_shape* shape, float eps, unsigned flags,
-                          const float* x, const float* gamma, const float* beta,
-                          const float* mean, const float* var, float* y, uint8_t* relu_mask) {
+// coef: 2c floats of scratch.
+void normalize_op(const bnorm_shape* shape, float eps, unsigned flags, const float* x,
+                  const float* gamma, const float* beta, const float* mean, const float* var,
+                  float* y, uint8_t* relu_mask, float* coef) {
   const plan p = make_plan(*shape);
   const int64_t total = shape->n * shape->c * shape->spatial;
-  if (total == 0) return succeed();
-  auto coef = allocate<float>(2 * p.c);
-  if (!coef) return out_of_memory(fn, p.c);
-  float* scale = coef.get();
-  float* shift = coef.get() + p.c;
+  if (total == 0) return;
+  float* scale = coef;
+  float* shift = coef + p.c;
   for (int64_t c = 0; c < p.c; ++c) scale_shift(gamma, beta, var[c], eps, c, scale, shift);
   const int64_t bytes = 2 * total * static_cast<int64_t>(sizeof(float));
   const normalize_args args{x,     y, mean, scale, shift, (flags & BNORM_FUSE_RELU) != 0,
                             relu_mask, stream_for(bytes)};
   normalize_phase(kernels(), p, args, threads_for(bytes));
-  return succeed();
 }
 
 // dx from the per-channel sum(dy), sum(dy * xhat) over `count` values.
-bnorm_status apply_op(const char* fn, const bnorm_shape* shape, float eps, unsigned flags,
-                      const float* x, const float* dy, const float* gamma, const float* mean,
-                      const float* var, const uint8_t* relu_mask, const sums* channel_sums,
-                      int64_t count, float* dx) {
+// coef: 3c floats of scratch.
+void apply_op(const bnorm_shape* shape, float eps, unsigned flags, const float* x,
+              const float* dy, const float* gamma, const float* mean, const float* var,
+              const uint8_t* relu_mask, const sums* channel_sums, int64_t count, float* dx,
+              float* coef) {
   const plan p = make_plan(*shape);
   const int64_t total = shape->n * shape->c * shape->spatial;
-  if (total == 0) return succeed();
-  auto coef = allocate<float>(3 * p.c);
-  if (!coef) return out_of_memory(fn, p.c);
+  if (total == 0) return;
   const bool global = flags & BNORM_GLOBAL_STATS;
-  const backward_coefficients coefficients{gamma,      var,          eps,
-                                           static_cast<double>(count), global,
-                                           coef.get(), coef.get() + p.c, coef.get() + 2 * p.c};
+  const backward_coefficients coefficients{
+      gamma, var, eps, static_cast<double>(count), global, coef, coef + p.c, coef + 2 * p.c};
   for (int64_t c = 0; c < p.c; ++c) coefficients(c, channel_sums ? channel_sums[c] : sums{0, 0});
   const int64_t bytes = 3 * total * static_cast<int64_t>(sizeof(float));
   const apply_args args{global ? nullptr : x,
@@ -526,7 +554,6 @@ bnorm_status apply_op(const char* fn, const bnorm_shape* shape, float eps, unsig
                         (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr,
                         stream_for(bytes)};
   apply_phase(kernels(), p, args, threads_for(bytes));
-  return succeed();
 }
 
 bnorm_status check_overlap(const char* fn, const float* out, const char* out_name, const float* in,
@@ -572,12 +599,13 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   const int nt = threads_for(2 * total * static_cast<int64_t>(sizeof(float)));
   if (!by_channel(p, nt)) {
     // moments -> merge -> normalize, exactly as the split-phase API.
-    auto part = allocate<partial>((p.slices + 1) * p.c);
-    if (!part) return out_of_memory(fn, p.c);
-    partial* channel = part.get() + p.slices * p.c;
-    moments_phase(k, p, x, nt, part.get(), channel);
+    auto channel = allocate<partial>(p.c);
+    auto coef = allocate<float>(2 * p.c);
+    if (!channel || !coef || !moments_phase(k, p, x, nt, channel.get()))
+      return out_of_memory(fn, p.c);
     for (int64_t c = 0; c < p.c; ++c) finish_moments(channel[c], &mean[c], &var[c]);
-    return normalize_op(fn, shape, eps, flags, x, gamma, beta, mean, var, y, relu_mask);
+    normalize_op(shape, eps, flags, x, gamma, beta, mean, var, y, relu_mask, coef.get());
+    return succeed();
   }
 
   auto coef = allocate<float>(2 * p.c);
@@ -611,7 +639,10 @@ bnorm_status bnorm_forward_inference(const bnorm_shape* shape, float eps, unsign
   BNORM_REQUIRE(var);
   BNORM_REQUIRE(y);
   BNORM_CHECK(check_overlap(fn, y, "y", x, "x", total, true));
-  return normalize_op(fn, shape, eps, flags, x, gamma, beta, mean, var, y, nullptr);
+  auto coef = allocate<float>(2 * shape->c);
+  if (!coef) return out_of_memory(fn, shape->c);
+  normalize_op(shape, eps, flags, x, gamma, beta, mean, var, y, nullptr, coef.get());
+  return succeed();
 }
 
 bnorm_status bnorm_normalize(const bnorm_shape* shape, float eps, unsigned flags, const float* x,
@@ -627,8 +658,11 @@ bnorm_status bnorm_normalize(const bnorm_shape* shape, float eps, unsigned flags
   if ((flags & BNORM_FUSE_RELU) && !relu_mask)
     return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
   BNORM_CHECK(check_overlap(fn, y, "y", x, "x", total, true));
-  return normalize_op(fn, shape, eps, flags, x, gamma, beta, mean, var, y,
-                      (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr);
+  auto coef = allocate<float>(2 * shape->c);
+  if (!coef) return out_of_memory(fn, shape->c);
+  normalize_op(shape, eps, flags, x, gamma, beta, mean, var, y,
+               (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr, coef.get());
+  return succeed();
 }
 
 bnorm_status bnorm_moments(const bnorm_shape* shape, const float* x, double* mean, double* m2) {
@@ -639,14 +673,14 @@ bnorm_status bnorm_moments(const bnorm_shape* shape, const float* x, double* mea
   BNORM_REQUIRE(mean);
   BNORM_REQUIRE(m2);
   const plan p = make_plan(*shape);
-  auto part = allocate<partial>((p.slices + 1) * p.c);
-  if (!part) return out_of_memory(fn, p.c);
-  partial* channel = part.get() + p.slices * p.c;
+  auto channel = allocate<partial>(p.c);
+  if (!channel) return out_of_memory(fn, p.c);
   if (total == 0) {
     for (int64_t c = 0; c < p.c; ++c) channel[c] = {{0, 0}, 0};
-  } else {
-    moments_phase(kernels(), p, x, threads_for(total * static_cast<int64_t>(sizeof(float))),
-                  part.get(), channel);
+  } else if (!moments_phase(kernels(), p, x,
+                            threads_for(total * static_cast<int64_t>(sizeof(float))),
+                            channel.get())) {
+    return out_of_memory(fn, p.c);
   }
   for (int64_t c = 0; c < p.c; ++c) {
     mean[c] = channel[c].m.mean;
@@ -702,14 +736,15 @@ bnorm_status bnorm_backward_reduce(const bnorm_shape* shape, float eps, unsigned
   if ((flags & BNORM_FUSE_RELU) && !relu_mask)
     return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
   const plan p = make_plan(*shape);
-  auto part = allocate<sums>((p.slices + 1) * p.c);
-  if (!part) return out_of_memory(fn, p.c);
-  sums* channel = part.get() + p.slices * p.c;
+  auto channel = allocate<sums>(p.c);
+  if (!channel) return out_of_memory(fn, p.c);
   if (total == 0) {
     for (int64_t c = 0; c < p.c; ++c) channel[c] = {0, 0};
-  } else {
-    sums_phase(kernels(), p, x, dy, mean, (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr,
-               threads_for(2 * total * static_cast<int64_t>(sizeof(float))), part.get(), channel);
+  } else if (!sums_phase(kernels(), p, x, dy, mean,
+                         (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr,
+                         threads_for(2 * total * static_cast<int64_t>(sizeof(float))),
+                         channel.get())) {
+    return out_of_memory(fn, p.c);
   }
   for (int64_t c = 0; c < p.c; ++c) {
     const sums s = to_xhat(channel[c], var[c], eps);
@@ -748,11 +783,14 @@ bnorm_status bnorm_backward_apply(const bnorm_shape* shape, float eps, unsigned 
   BNORM_CHECK(check_overlap(fn, dx, "dx", dy, "dy", total, true));
   BNORM_CHECK(check_overlap(fn, dx, "dx", x, "x", total, false));
   const plan p = make_plan(*shape);
-  auto channel = allocate<sums>(global ? 0 : p.c);
-  if (!global && !channel) return out_of_memory(fn, p.c);
-  for (int64_t c = 0; !global && c < p.c; ++c) channel[c] = {sum_dy[c], sum_dy_xhat[c]};
-  return apply_op(fn, shape, eps, flags, x, dy, gamma, mean, var, relu_mask, channel.get(), count,
-                  dx);
+  auto channel = allocate<sums>(p.c);
+  auto coef = allocate<float>(3 * p.c);
+  if (!channel || !coef) return out_of_memory(fn, p.c);
+  for (int64_t c = 0; c < p.c; ++c)
+    channel[c] = global ? sums{0, 0} : sums{sum_dy[c], sum_dy_xhat[c]};
+  apply_op(shape, eps, flags, x, dy, gamma, mean, var, relu_mask, channel.get(), count, dx,
+           coef.get());
+  return succeed();
 }
 
 bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags, const float* x,
@@ -779,28 +817,27 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   const int nt = threads_for(3 * total * static_cast<int64_t>(sizeof(float)));
   const bool need_sums = total > 0 && (!global || dgamma || dbeta);
   const uint8_t* mask = relu ? relu_mask : nullptr;
-  auto scratch = allocate<sums>((by_channel(p, nt) || !need_sums ? 1 : p.slices + 1) * p.c);
-  if (!scratch) return out_of_memory(fn, p.c);
-  sums* channel = scratch.get() + (by_channel(p, nt) || !need_sums ? 0 : p.slices * p.c);
+  auto channel = allocate<sums>(p.c);
+  auto coef = allocate<float>(3 * p.c);
+  if (!channel || !coef) return out_of_memory(fn, p.c);
 
   if (!by_channel(p, nt) || total == 0) {
     // reduce -> apply, exactly as the split-phase API.
-    if (need_sums) {
-      sums_phase(k, p, x, dy, mean, mask, nt, scratch.get(), channel);
-    } else {
+    if (!need_sums) {
       for (int64_t c = 0; c < p.c; ++c) channel[c] = {0, 0};
+    } else if (!sums_phase(k, p, x, dy, mean, mask, nt, channel.get())) {
+      return out_of_memory(fn, p.c);
     }
     for (int64_t c = 0; c < p.c; ++c) {
       channel[c] = to_xhat(channel[c], var[c], eps);
       if (dgamma) dgamma[c] = static_cast<float>(channel[c].dy_xmu);
       if (dbeta) dbeta[c] = static_cast<float>(channel[c].dy);
     }
-    return apply_op(fn, shape, eps, flags, x, dy, gamma, mean, var, relu_mask, channel, p.count,
-                    dx);
+    apply_op(shape, eps, flags, x, dy, gamma, mean, var, relu_mask, channel.get(), p.count, dx,
+             coef.get());
+    return succeed();
   }
 
-  auto coef = allocate<float>(3 * p.c);
-  if (!coef) return out_of_memory(fn, p.c);
   const backward_coefficients coefficients{gamma,      var,          eps,
                                            static_cast<double>(p.count), global,
                                            coef.get(), coef.get() + p.c, coef.get() + 2 * p.c};
