@@ -160,6 +160,23 @@ void merge(partial& a, const moments& b, double nb) {
   a.n = n;
 }
 
+// merge() for c channels that hold the same counts, as NHWC chunks do: the
+// weights once for all (the same expressions, so the same bits).
+void merge_same_count(partial* a, const moments* b, int64_t c, double nb) {
+  const double na = a[0].n;
+  if (na == 0) {
+    for (int64_t j = 0; j < c; ++j) a[j] = {b[j], nb};
+    return;
+  }
+  const double n = na + nb, wb = nb / n, wm = na * nb / n;
+  for (int64_t j = 0; j < c; ++j) {
+    const double delta = b[j].mean - a[j].m.mean;
+    a[j].m.mean += delta * wb;
+    a[j].m.m2 += b[j].m2 + delta * delta * wm;
+    a[j].n = n;
+  }
+}
+
 // mean and population variance; NaN for both if the data held inf or NaN.
 void finish_moments(const partial& a, float* mean, float* var) {
   const double v = a.m.m2 / a.n;
@@ -203,7 +220,7 @@ void nhwc_slice_moments(const kernel_table& k, const plan& p, const float* x, in
     region r;
     const int64_t at = nhwc_chunk(p, ch, &r);
     k.moments_nhwc(x + at, r, chunk, work);
-    for (int64_t j = 0; j < p.c; ++j) merge(acc[j], chunk[j], static_cast<double>(r.rows));
+    merge_same_count(acc, chunk, p.c, static_cast<double>(r.rows));
   }
 }
 
