@@ -190,9 +190,10 @@ void finish_moments(const partial& a, float* mean, float* var) {
 
 // y = (x - mean) * scale + shift with scale = gamma / sqrt(var + eps) and
 // shift = beta. Dividing by the rounded sqrt (not multiplying by a rounded
-// reciprocal) makes scale exactly 1 when gamma == sqrtf(var + eps), so the
-// identity gamma = sqrt(var + eps), beta = mean gives y == x up to the one
-// rounding of (x - mean) + mean.
+// reciprocal, which misses 1 for about 15% of floats) makes scale exactly 1
+// when gamma == sqrtf(var + eps), so the identity gamma = sqrt(var + eps),
+// beta = mean gives y = fl(fl(x - mean) + mean): x exactly when x - mean is
+// exact (x within a factor 2 of mean), else within one ulp of max(|x|, |mean|).
 void scale_shift(const float* gamma, const float* beta, float var, float eps, int64_t c,
                  float* scale, float* shift) {
   scale[c] = (gamma ? gamma[c] : 1.f) / std::sqrt(var + eps);
