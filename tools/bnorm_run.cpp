@@ -43,15 +43,8 @@ enum class direction { fwd_training, fwd_inference, backward };
 enum class run_mode { correctness, performance, both };
 
 const char* direction_name(direction d) {
-  switch (d) {
-    case direction::fwd_training:
-      return "fwd_training";
-    case direction::fwd_inference:
-      return "fwd_inference";
-    case direction::backward:
-      return "backward";
-  }
-  return "?";
+  const char* const names[] = {"fwd_training", "fwd_inference", "backward"};
+  return names[static_cast<int>(d)];
 }
 
 // The options in force for a descriptor: each option applies to the descriptors after it.
@@ -76,14 +69,15 @@ struct usage_error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// A status other than BNORM_SUCCESS: reported as the problem's result, exit 3.
-struct library_error : std::runtime_error {
+// A problem that could not run (the library returned an error status, or memory ran out):
+// reported as the problem's result, exit 3.
+struct problem_error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
 void check_status(bnorm_status status, const char* function) {
   if (status != BNORM_SUCCESS)
-    throw library_error(std::string(function) + " returned " + bnorm_status_string(status) + ": " +
+    throw problem_error(std::string(function) + " returned " + bnorm_status_string(status) + ": " +
                         bnorm_last_error_message());
 }
 
@@ -261,26 +255,39 @@ struct free_deleter {
   void operator()(void* p) const { std::free(p); }
 };
 
-// 64-byte aligned, whole cache lines, every page touched (so that page faults are not timed).
+// 64-byte aligned, every page touched (so that page faults are not timed), and followed by
+// 64 to 127 guard bytes that show a write past the end.
 template <class T>
 class aligned_array {
  public:
   explicit aligned_array(int64_t count = 0) : count_(count) {
-    const size_t bytes = (static_cast<size_t>(count) * sizeof(T) + 63) / 64 * 64 + 64;
-    data_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
-    if (!data_) throw library_error("cannot allocate " + std::to_string(bytes) + " bytes");
-    std::memset(static_cast<void*>(data_.get()), 0, bytes);
+    const size_t used = static_cast<size_t>(count) * sizeof(T);
+    bytes_ = (used + 63) / 64 * 64 + 64;
+    data_.reset(static_cast<T*>(std::aligned_alloc(64, bytes_)));
+    if (!data_) throw problem_error("cannot allocate " + std::to_string(bytes_) + " bytes");
+    std::memset(bytes(), 0, used);
+    std::memset(bytes() + used, guard_byte, bytes_ - used);
   }
   T* data() const { return data_.get(); }
   T& operator[](int64_t i) const { return data_.get()[i]; }
-  int64_t size() const { return count_; }
   void fill(T value) const { std::fill(data(), data() + count_, value); }
   void copy_from(const aligned_array& other) const {
     std::memcpy(data(), other.data(), static_cast<size_t>(count_) * sizeof(T));
   }
+  bool same_as(const aligned_array& other) const {
+    return std::memcmp(data(), other.data(), static_cast<size_t>(count_) * sizeof(T)) == 0;
+  }
+  bool guard_intact() const {
+    for (size_t i = static_cast<size_t>(count_) * sizeof(T); i < bytes_; ++i)
+      if (bytes()[i] != guard_byte) return false;
+    return true;
+  }
 
  private:
+  static constexpr unsigned char guard_byte = 0xa5;
+  unsigned char* bytes() const { return reinterpret_cast<unsigned char*>(data_.get()); }
   int64_t count_;
+  size_t bytes_;
   std::unique_ptr<T, free_deleter> data_;
 };
 
@@ -452,16 +459,18 @@ struct error_summary {
 struct check_result {
   std::vector<error_summary> errors;
   int64_t mask_mismatches = -1;  // -1: no mask to check
+  std::string stray_write;       // from find_stray_write
 
   bool passed() const {
     for (const error_summary& e : errors)
       if (!e.passed()) return false;
-    return mask_mismatches <= 0;
+    return mask_mismatches <= 0 && stray_write.empty();
   }
   std::string text() const {
     std::string t = passed() ? "PASS" : "FAIL";
     for (const error_summary& e : errors) t += " " + e.values();
     if (mask_mismatches >= 0) t += " relu_mask_mismatches=" + std::to_string(mask_mismatches);
+    if (!stray_write.empty()) t += " " + stray_write;
     for (const error_summary& e : errors)
       if (!e.passed()) t += " worst " + e.worst();
     return t;
@@ -552,7 +561,31 @@ check_result check_backward(const problem& p, const problem_data& d) {
     edgamma.add(d.dgamma[c], ref.dgamma[c], sum_abs_g_xhat, -1, c, -1);
     edbeta.add(d.dbeta[c], ref.dbeta[c], sum_abs_g, -1, c, -1);
   }
-  return {{edx, edgamma, edbeta}, -1};
+  check_result r;
+  r.errors = {edx, edgamma, edbeta};
+  return r;
+}
+
+// A write outside the outputs: past the end of any buffer, or into an input. "" if none.
+std::string find_stray_write(const problem& p, const problem_data& d) {
+  const std::pair<const char*, bool> guards[] = {
+      {"x", d.x.guard_intact()},           {"y", d.y.guard_intact()},
+      {"dy", d.dy.guard_intact()},         {"dx", d.dx.guard_intact()},
+      {"gamma", d.gamma.guard_intact()},   {"beta", d.beta.guard_intact()},
+      {"mean", d.mean.guard_intact()},     {"var", d.var.guard_intact()},
+      {"dgamma", d.dgamma.guard_intact()}, {"dbeta", d.dbeta.guard_intact()},
+      {"relu_mask", d.mask.guard_intact()}};
+  for (const auto& guard : guards)
+    if (!guard.second) return std::string("wrote_past_end(") + guard.first + ")";
+  const bool backward = p.opt.dir == direction::backward;
+  if ((backward || !p.opt.inplace) && !d.x.same_as(d.x0)) return "changed_input(x)";
+  if (backward && !p.opt.inplace && !d.dy.same_as(d.dy0)) return "changed_input(dy)";
+  if (p.opt.dir != direction::fwd_training)
+    for (size_t c = 0; c < d.given_mean.size(); ++c)
+      if (d.mean[c] != static_cast<float>(d.given_mean[c]) ||
+          d.var[c] != static_cast<float>(d.given_var[c]))
+        return "changed_input(mean/var)";
+  return "";
 }
 
 // Fills the outputs with NaN (the mask with a pattern) so that values the library does not
@@ -623,8 +656,9 @@ outcome run_problem(const problem& p, int default_threads) {
     if (p.opt.mode != run_mode::performance) {
       poison_outputs(p, d);
       call_library(p, d);
-      const check_result check =
+      check_result check =
           p.opt.dir == direction::backward ? check_backward(p, d) : check_forward(p, d);
+      check.stray_write = find_stray_write(p, d);
       line += " " + check.text();
       if (!check.passed()) result = outcome::failed;
       restore_inputs(p, d);
@@ -633,7 +667,7 @@ outcome run_problem(const problem& p, int default_threads) {
       if (p.opt.mode == run_mode::both) line += " |";
       line += " " + measure_performance(p, d);
     }
-  } catch (const library_error& e) {
+  } catch (const problem_error& e) {
     line += std::string(" ERROR ") + e.what();
     result = outcome::error;
   }
@@ -663,8 +697,11 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "bnorm-run: warning: --isa=%s requested, the library uses %s\n",
                  args.isa.c_str(), isa.c_str());
   const int default_threads = omp_get_max_threads();
-  std::printf("# bnorm-run isa=%s threads=%d tolerance=%.0e\n", isa.c_str(), default_threads,
-              tolerance);
+  // Timings mean little while other processes compete for the cores: show the load.
+  double load = 0;
+  getloadavg(&load, 1);
+  std::printf("# bnorm-run isa=%s threads=%d tolerance=%.0e load=%.2f\n", isa.c_str(),
+              default_threads, tolerance, load);
 
   int passed = 0, failed = 0, errors = 0;
   for (const problem& p : args.problems) {
