@@ -11,6 +11,7 @@
 #include <omp.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -85,14 +86,16 @@ plan make_plan(const bnorm_shape& s) {
     p.rows = s.n;
     p.stride = s.c * s.spatial;
     if (s.spatial <= kChunkValues) {
-      p.row_chunk = kChunkValues / s.spatial;
+      p.row_chunk = kChunkValues / std::max<int64_t>(s.spatial, 1);
       p.chunks = (s.n + p.row_chunk - 1) / p.row_chunk;
     } else {
       p.pieces = (s.spatial + kChunkValues - 1) / kChunkValues;
       p.chunks = s.n * p.pieces;
     }
   }
-  p.slices = p.chunks < kMaxSlices ? p.chunks : kMaxSlices;
+  // At least one slice, even an empty one: no division by zero when a
+  // tensor has no values (valid for inference and backward).
+  p.slices = std::max<int64_t>(1, std::min(p.chunks, kMaxSlices));
   return p;
 }
 
@@ -478,6 +481,9 @@ bool overlap(const float* a, const float* b, int64_t n) {
   return n > 0 && pa < pb + bytes && pb < pa + bytes;
 }
 
+// The most floats one array can hold.
+constexpr int64_t kMaxElements = PTRDIFF_MAX / static_cast<int64_t>(sizeof(float));
+
 // The shape's checks, and its element count in *total.
 bnorm_status check_shape(const char* fn, const bnorm_shape* s, int64_t* total) {
   if (!s) return fail(BNORM_INVALID_ARGUMENT, "%s: shape is NULL", fn);
@@ -489,14 +495,20 @@ bnorm_status check_shape(const char* fn, const bnorm_shape* s, int64_t* total) {
                 static_cast<long long>(s->n), static_cast<long long>(s->c),
                 static_cast<long long>(s->spatial));
   int64_t nc = 0, count = 0;
-  constexpr int64_t kMaxElements = PTRDIFF_MAX / static_cast<int64_t>(sizeof(float));
   if (__builtin_mul_overflow(s->n, s->c, &nc) || __builtin_mul_overflow(nc, s->spatial, &count) ||
-      count > kMaxElements)
+      count > kMaxElements || s->c > kMaxElements)
     return fail(BNORM_INVALID_ARGUMENT,
                 "%s: n*c*spatial = %lld*%lld*%lld floats does not fit in memory", fn,
                 static_cast<long long>(s->n), static_cast<long long>(s->c),
                 static_cast<long long>(s->spatial));
   *total = count;
+  return BNORM_SUCCESS;
+}
+
+bnorm_status check_channels(const char* fn, int64_t c) {
+  if (c <= 0 || c > kMaxElements)
+    return fail(BNORM_INVALID_ARGUMENT, "%s: c = %lld channels (need 0 < c <= %lld)", fn,
+                static_cast<long long>(c), static_cast<long long>(kMaxElements));
   return BNORM_SUCCESS;
 }
 
@@ -710,16 +722,17 @@ bnorm_status bnorm_moments(const bnorm_shape* shape, const float* x, double* mea
 bnorm_status bnorm_merge_moments(int64_t k, int64_t c, const int64_t* counts, const double* mean,
                                  const double* m2, float* merged_mean, float* merged_var) {
   static const char fn[] = "bnorm_merge_moments";
-  if (k <= 0 || c <= 0)
-    return fail(BNORM_INVALID_ARGUMENT, "%s: k = %lld sets of c = %lld channels (need both > 0)",
-                fn, static_cast<long long>(k), static_cast<long long>(c));
+  BNORM_CHECK(check_channels(fn, c));
+  if (k <= 0)
+    return fail(BNORM_INVALID_ARGUMENT, "%s: k = %lld sets (need k > 0)", fn,
+                static_cast<long long>(k));
   BNORM_REQUIRE(counts);
   BNORM_REQUIRE(mean);
   BNORM_REQUIRE(m2);
   BNORM_REQUIRE(merged_mean);
   BNORM_REQUIRE(merged_var);
   int64_t kc = 0, sum = 0;
-  if (__builtin_mul_overflow(k, c, &kc))
+  if (__builtin_mul_overflow(k, c, &kc) || kc > PTRDIFF_MAX / static_cast<int64_t>(sizeof(double)))
     return fail(BNORM_INVALID_ARGUMENT, "%s: k*c overflows", fn);
   for (int64_t i = 0; i < k; ++i) {
     if (counts[i] < 0 || __builtin_add_overflow(sum, counts[i], &sum))
@@ -883,7 +896,7 @@ bnorm_status bnorm_update_running_stats(int64_t c, int64_t count, float momentum
                                         const float* mean, const float* var,
                                         float* running_mean, float* running_var) {
   static const char fn[] = "bnorm_update_running_stats";
-  if (c <= 0) return fail(BNORM_INVALID_ARGUMENT, "%s: c = %lld (need c > 0)", fn, static_cast<long long>(c));
+  BNORM_CHECK(check_channels(fn, c));
   if (count < 2)
     return fail(BNORM_INVALID_ARGUMENT,
                 "%s: count = %lld; the unbiased variance needs at least 2 values per channel", fn,
