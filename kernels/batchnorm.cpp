@@ -121,6 +121,15 @@ int64_t nhwc_chunk(const plan& p, int64_t k, region* r) {
 
 int64_t slice_begin(const plan& p, int64_t slice) { return slice * p.chunks / p.slices; }
 
+// The NHWC slices [begin, end) that thread t of nt reduces (and later
+// normalizes): contiguous, so that each thread streams its own rows.
+struct slice_range {
+  int64_t begin, end;
+};
+slice_range nhwc_share(const plan& p, int t, int nt) {
+  return {p.slices * t / nt, p.slices * (t + 1) / nt};
+}
+
 // The last-level cache size the machine reports (sysconf reads CPUID).
 int64_t cache_bytes() {
   static const int64_t bytes = [] {
@@ -405,10 +414,11 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
   {
     const int t = omp_get_thread_num();
     if (p.nhwc) {
-#pragma omp for schedule(static)
-      for (int64_t s = 0; s < p.slices; ++s)
+      const slice_range r = nhwc_share(p, t, omp_get_num_threads());
+      for (int64_t s = r.begin; s < r.end; ++s)
         nhwc_slice_moments(k, p, x, s, part.get() + s * p.c, scratch.result<moments>(t),
                            scratch.work(t));
+#pragma omp barrier
     } else {
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < p.c * p.slices; ++i) {
@@ -434,10 +444,11 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
   {
     const int t = omp_get_thread_num();
     if (p.nhwc) {
-#pragma omp for schedule(static)
-      for (int64_t s = 0; s < p.slices; ++s)
+      const slice_range r = nhwc_share(p, t, omp_get_num_threads());
+      for (int64_t s = r.begin; s < r.end; ++s)
         nhwc_slice_sums(k, p, x, dy, mean, mask, s, part.get() + s * p.c,
                         scratch.result<double>(t), scratch.work(t));
+#pragma omp barrier
     } else {
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < p.c * p.slices; ++i) {
@@ -457,14 +468,30 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
   return true;
 }
 
-void normalize_phase(const kernel_table& k, const plan& p, const normalize_args& args, int nt) {
+// The elementwise passes. NHWC: each thread takes the chunks of the same
+// slices it reduced (nhwc_share) and walks them backwards, so that it first
+// rereads what the reduction read last, which is still in cache when the
+// tensor is larger than the cache. NCHW: items in memory order.
+template <class Item>
+void elementwise_phase(const plan& p, int nt, Item item) {
+  if (!p.nhwc) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t i = 0; i < elementwise_items(p); ++i) normalize_item(k, p, args, i);
+    for (int64_t i = 0; i < elementwise_items(p); ++i) item(i);
+    return;
+  }
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const slice_range r = nhwc_share(p, omp_get_thread_num(), omp_get_num_threads());
+    for (int64_t ch = slice_begin(p, r.end) - 1; ch >= slice_begin(p, r.begin); --ch) item(ch);
+  }
+}
+
+void normalize_phase(const kernel_table& k, const plan& p, const normalize_args& args, int nt) {
+  elementwise_phase(p, nt, [&](int64_t i) { normalize_item(k, p, args, i); });
 }
 
 void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t i = 0; i < elementwise_items(p); ++i) apply_item(k, p, args, i);
+  elementwise_phase(p, nt, [&](int64_t i) { apply_item(k, p, args, i); });
 }
 
 // NCHW with enough channels: each thread takes whole channels and runs both
