@@ -1,0 +1,198 @@
+// Numerical tests of every operation against the double-precision reference, over shapes that
+// hit every vector tail (widths 4, 8 and 16 floats), both layouts and every pointer option.
+// The instruction set is whatever bnorm_isa() chose; ctest runs this binary once per BNORM_ISA.
+#include <bnorm/bnorm.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "bnorm_tester.hpp"
+#include "reference.hpp"
+#include "test_support.hpp"
+
+namespace bnorm_test {
+namespace {
+
+// Channel and spatial sizes: 1, W-1, W, W+1 for W = 4, 8, 16 (3, 15, 16, 17 cover 16-wide tails,
+// 15 and 17 also 8-wide and 4-wide ones), 2W+1 for W = 16, a multiple of every width, and a large
+// prime.
+const int64_t kSizes[] = {1, 3, 15, 16, 17, 33, 64, 251};
+constexpr int kNumSizes = 8;
+const int64_t kBatches[] = {1, 2, 7, 32};
+const double kOffsets[] = {0, 3, -50};
+const float kEps[] = {1e-5f, 1e-2f, 0.5f};
+
+struct Variant {
+  const char* name;
+  bool relu, no_gamma, no_beta, no_dgamma, no_dbeta, global_stats, inplace;
+};
+
+const Variant kVariants[] = {
+    // name                relu   gamma0 beta0  dgam0  dbet0  global inplace
+    {"plain", false, false, false, false, false, false, false},
+    {"relu", true, false, false, false, false, false, false},
+    {"no_gamma_beta", false, true, true, false, false, false, false},
+    {"no_gamma_relu", true, true, false, true, false, false, false},
+    {"no_beta_no_dbeta", false, false, true, false, true, false, false},
+    {"no_dgamma_dbeta", false, false, false, true, true, false, false},
+    {"global_stats", false, false, false, false, false, true, false},
+    {"global_stats_relu", true, false, false, false, false, true, true},
+    {"inplace", false, false, false, false, false, false, true},
+    {"inplace_relu", true, false, false, false, false, false, true},
+};
+
+using SweepParam = std::tuple<bnorm_layout, int64_t, int>;  // layout, N, variant
+
+class Sweep : public ::testing::TestWithParam<SweepParam> {};
+
+// For each (layout, N, variant), shapes (C, S) = (kSizes[i], kSizes[(i + r) % 8]) for every i and
+// a few rotations r: every size appears as C and as S with every layout, N and variant, while the
+// suite stays far below the full 8x8 cross product. The plain variant gets more rotations.
+TEST_P(Sweep, MatchesReference) {
+  const auto [layout, n, v] = GetParam();
+  const Variant& var = kVariants[v];
+  const std::vector<int> rotations =
+      v == 0 ? std::vector<int>{0, 1, 3, 5, 7} : std::vector<int>{v % 8, (v + 3) % 8};
+  int k = 0;
+  for (int r : rotations)
+    for (int i = 0; i < kNumSizes; ++i, ++k) {
+      BnormTester()
+          .layout(layout)
+          .n(n)
+          .c(kSizes[i])
+          .spatial(kSizes[(i + r) % kNumSizes])
+          .offset(kOffsets[k % 3])
+          .eps(kEps[(k / 3 + v) % 3])
+          .seed(1000003u * uint64_t(n) + 7919u * uint64_t(k) + 31u * uint64_t(v) + layout)
+          .relu(var.relu)
+          .no_gamma(var.no_gamma)
+          .no_beta(var.no_beta)
+          .no_dgamma(var.no_dgamma)
+          .no_dbeta(var.no_dbeta)
+          .global_stats(var.global_stats)
+          .inplace(var.inplace)
+          .Test();
+      if (HasFailure()) return;  // one broken shape says enough; keep the log readable
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllShapes, Sweep,
+    ::testing::Combine(::testing::Values(BNORM_NCHW, BNORM_NHWC), ::testing::ValuesIn(kBatches),
+                       ::testing::Range(0, int(sizeof(kVariants) / sizeof(kVariants[0])))),
+    [](const ::testing::TestParamInfo<SweepParam>& info) {
+      return std::string(std::get<0>(info.param) == BNORM_NCHW ? "nchw" : "nhwc") + "_n" +
+             std::to_string(std::get<1>(info.param)) + "_" +
+             kVariants[std::get<2>(info.param)].name;
+    });
+
+class Layouts : public ::testing::TestWithParam<bnorm_layout> {};
+
+// (N, C) input: spatial = 1, every channel count, every N, plus a tall batch.
+TEST_P(Layouts, TwoDimensionalInput) {
+  int k = 0;
+  for (int64_t n : {int64_t(1), int64_t(2), int64_t(7), int64_t(32), int64_t(1000)})
+    for (int64_t c : kSizes) {
+      ++k;
+      BnormTester()
+          .layout(GetParam())
+          .n(n)
+          .c(c)
+          .spatial(1)
+          .offset(kOffsets[k % 3])
+          .eps(kEps[k % 3])
+          .seed(77 + k)
+          .relu(k % 2)
+          .inplace(k % 5 == 0)
+          .Test();
+      if (HasFailure()) return;
+    }
+}
+
+// 3-D inputs: spatial is D*H*W (the library only sees the product).
+TEST_P(Layouts, ThreeDimensionalInput) {
+  struct {
+    int64_t n, c, d, h, w;
+  } cases[] = {
+      {2, 17, 3, 5, 7}, {3, 16, 4, 4, 4}, {1, 33, 2, 3, 5}, {4, 3, 5, 6, 7}, {2, 64, 1, 7, 9}};
+  int k = 0;
+  for (auto& t : cases)
+    for (bool relu : {false, true}) {
+      ++k;
+      BnormTester()
+          .layout(GetParam())
+          .n(t.n)
+          .c(t.c)
+          .spatial(t.d * t.h * t.w)
+          .offset(kOffsets[k % 3])
+          .eps(kEps[k % 3])
+          .seed(500 + k)
+          .relu(relu)
+          .Test();
+      if (HasFailure()) return;
+    }
+}
+
+// eps = 0 is valid (only eps < 0 is rejected).
+TEST_P(Layouts, ZeroEps) {
+  for (int64_t c : {int64_t(3), int64_t(17), int64_t(64)})
+    BnormTester().layout(GetParam()).n(2).c(c).spatial(33).eps(0.0f).seed(c).Test();
+}
+
+// gamma = sqrtf(var + eps) computed in float from the training variance, beta = mean: the library
+// computes scale = gamma / sqrtf(var + eps) = 1 exactly, so y = (x - mean)*1 + mean, which is x
+// up to the rounding of the subtraction and the addition: |y - x| <= u*(|x - mean| + |x|) per
+// element. Allowing 2u also covers a scale that is 1 +- 1 ulp (a kernel that computes it in
+// another precision). A kernel that adds eps outside the square root or forgets it gets a scale
+// of sqrt(var+eps)/sqrt(var) or so, far outside this (eps = 0.5 below).
+TEST_P(Layouts, IdentityWithGammaSqrtVarBetaMean) {
+  struct {
+    int64_t n, c, s;
+  } shapes[] = {{2, 17, 33}, {7, 3, 251}, {1, 64, 15}, {32, 16, 1}};
+  int k = 0;
+  for (auto& t : shapes)
+    for (float eps : {1e-5f, 0.5f}) {
+      ++k;
+      const bnorm_shape sh{t.n, t.c, t.s, GetParam()};
+      SCOPED_TRACE(describe(sh) + " eps=" + std::to_string(eps));
+      std::mt19937_64 rng(900 + k);
+      const std::vector<float> xv = random_x(sh, kOffsets[k % 3], rng);
+      const int64_t count = bnorm_ref::elements(sh);
+      Buffer<float> x(count), y(count), mean(t.c), var(t.c), y2(count), gamma(t.c);
+      x.assign(xv);
+      ASSERT_EQ(bnorm_forward_training(&sh, eps, 0, x.data(), nullptr, nullptr, y.data(),
+                                       mean.data(), var.data(), nullptr),
+                BNORM_SUCCESS);
+      for (int64_t c = 0; c < t.c; ++c) gamma[c] = sqrtf(var[c] + eps);
+      ASSERT_EQ(bnorm_forward_inference(&sh, eps, 0, x.data(), gamma.data(), mean.data(),
+                                        mean.data(), var.data(), y2.data()),
+                BNORM_SUCCESS);
+      std::vector<double> want(xv.begin(), xv.end());
+      EXPECT_TRUE(close_elements("identity y", sh, y2.data(), want, [&](int64_t i) {
+        const double xi = xv[i], mu = mean[channel_of(sh, i)];
+        return 2 * kU * (std::fabs(xi - mu) + std::fabs(xi));
+      }));
+      // Same through training: batch statistics are what training itself returns.
+      Buffer<float> y3(count), mean3(t.c), var3(t.c);
+      ASSERT_EQ(bnorm_forward_training(&sh, eps, 0, x.data(), gamma.data(), mean.data(), y3.data(),
+                                       mean3.data(), var3.data(), nullptr),
+                BNORM_SUCCESS);
+      EXPECT_TRUE(bitwise_equal(mean3.data(), mean.data(), t.c) &&
+                  bitwise_equal(var3.data(), var.data(), t.c))
+          << "training statistics are not reproducible";
+      EXPECT_TRUE(bitwise_equal(y3.data(), y2.data(), count))
+          << "training y differs bitwise from inference y with the same statistics";
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(BothLayouts, Layouts, ::testing::Values(BNORM_NCHW, BNORM_NHWC),
+                         [](const ::testing::TestParamInfo<bnorm_layout>& info) {
+                           return std::string(info.param == BNORM_NCHW ? "nchw" : "nhwc");
+                         });
+
+}  // namespace
+}  // namespace bnorm_test
