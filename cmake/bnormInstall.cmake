@@ -8,8 +8,9 @@ install(TARGETS bnorm EXPORT bnormTargets
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
         RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR}
         INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+# bnorm_mpi.h only with the library behind it (mpi/CMakeLists.txt installs it).
 install(DIRECTORY include/bnorm DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}
-        FILES_MATCHING PATTERN "*.h" PATTERN "*.hpp")
+        FILES_MATCHING PATTERN "*.h" PATTERN "*.hpp" PATTERN "bnorm_mpi.h" EXCLUDE)
 install(EXPORT bnormTargets NAMESPACE bnorm:: DESTINATION ${BNORM_CMAKE_DIR})
 
 configure_package_config_file(cmake/bnormConfig.cmake.in
