@@ -514,8 +514,13 @@ constexpr int64_t kMaxElements = PTRDIFF_MAX / static_cast<int64_t>(sizeof(float
 // The shape's checks, and its element count in *total.
 bnorm_status check_shape(const char* fn, const bnorm_shape* s, int64_t* total) {
   if (!s) return fail(BNORM_INVALID_ARGUMENT, "%s: shape is NULL", fn);
-  if (s->layout != BNORM_NCHW && s->layout != BNORM_NHWC)
-    return fail(BNORM_INVALID_ARGUMENT, "%s: unknown layout %d", fn, static_cast<int>(s->layout));
+  // Read as an integer: a caller may store any value in the enum's bytes,
+  // and loading an out-of-range value as bnorm_layout is undefined in C++.
+  uint32_t layout = 0;
+  static_assert(sizeof layout == sizeof s->layout, "bnorm_layout is 32 bits");
+  std::memcpy(&layout, &s->layout, sizeof layout);
+  if (layout != BNORM_NCHW && layout != BNORM_NHWC)
+    return fail(BNORM_INVALID_ARGUMENT, "%s: unknown layout %u", fn, layout);
   if (s->n < 0 || s->c <= 0 || s->spatial < 0)
     return fail(BNORM_INVALID_ARGUMENT,
                 "%s: shape n=%lld c=%lld spatial=%lld (need n >= 0, c > 0, spatial >= 0)", fn,
@@ -945,7 +950,9 @@ bnorm_status bnorm_update_running_stats(int64_t c, int64_t count, float momentum
 }
 
 const char* bnorm_status_string(bnorm_status status) {
-  switch (status) {
+  uint32_t value = 0;  // any value, as in check_shape
+  std::memcpy(&value, &status, sizeof value);
+  switch (value) {
     case BNORM_SUCCESS: return "success";
     case BNORM_INVALID_ARGUMENT: return "invalid argument";
     case BNORM_UNSUPPORTED: return "unsupported";
