@@ -65,37 +65,37 @@ moments moments_nchw(const float* x, region r) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const double count = static_cast<double>(r.rows * r.cols);
+  const int64_t tail = r.cols % W, body = r.cols - tail;
 
   // Pass 1. Four accumulators: FP adds have a latency of about four cycles
-  // and we want the loop limited by loads, not by one dependency chain.
+  // and we want the loop limited by loads, not by one dependency chain. The
+  // row's tail goes through a masked vector (inactive lanes add 0).
   const float x0 = x[0];
   const V vx0(x0);
   V s[4] = {V(0.f), V(0.f), V(0.f), V(0.f)};
-  float tail = 0.f;
   for (int64_t i = 0; i < r.rows; ++i) {
     const float* row = x + i * r.stride;
     int64_t j = 0;
-    for (; j + 4 * W <= r.cols; j += 4 * W) {
+    for (; j + 4 * W <= body; j += 4 * W) {
       s[0] += V::load_unaligned(row + j) - vx0;
       s[1] += V::load_unaligned(row + j + W) - vx0;
       s[2] += V::load_unaligned(row + j + 2 * W) - vx0;
       s[3] += V::load_unaligned(row + j + 3 * W) - vx0;
     }
-    for (; j + W <= r.cols; j += W) s[0] += V::load_unaligned(row + j) - vx0;
-    for (; j < r.cols; ++j) tail += row[j] - x0;
+    for (; j < body; j += W) s[1] += V::load_unaligned(row + j) - vx0;
+    if (tail) s[2] += simd::keep_first<A>(simd::load_first<A>(row + j, tail) - vx0, tail);
   }
-  const float sum0 = xsimd::hadd((s[0] + s[1]) + (s[2] + s[3])) + tail;
+  const float sum0 = xsimd::hadd((s[0] + s[1]) + (s[2] + s[3]));
   const float m = static_cast<float>(x0 + sum0 / count);
 
   // Pass 2.
   const V vm(m);
   V d1[2] = {V(0.f), V(0.f)};
   V d2[2] = {V(0.f), V(0.f)};
-  float t1 = 0.f, t2 = 0.f;
   for (int64_t i = 0; i < r.rows; ++i) {
     const float* row = x + i * r.stride;
     int64_t j = 0;
-    for (; j + 2 * W <= r.cols; j += 2 * W) {
+    for (; j + 2 * W <= body; j += 2 * W) {
       const V a = V::load_unaligned(row + j) - vm;
       const V b = V::load_unaligned(row + j + W) - vm;
       d1[0] += a;
@@ -103,19 +103,20 @@ moments moments_nchw(const float* x, region r) {
       d2[0] = madd(a, a, d2[0]);
       d2[1] = madd(b, b, d2[1]);
     }
-    for (; j + W <= r.cols; j += W) {
+    if (j < body) {
       const V a = V::load_unaligned(row + j) - vm;
       d1[0] += a;
       d2[0] = madd(a, a, d2[0]);
+      j += W;
     }
-    for (; j < r.cols; ++j) {
-      const float a = row[j] - m;
-      t1 += a;
-      t2 = madd1<A>(a, a, t2);
+    if (tail) {
+      const V a = simd::keep_first<A>(simd::load_first<A>(row + j, tail) - vm, tail);
+      d1[1] += a;
+      d2[1] = madd(a, a, d2[1]);
     }
   }
-  const double sum1 = static_cast<double>(xsimd::hadd(d1[0] + d1[1]) + t1);
-  const double sum2 = static_cast<double>(xsimd::hadd(d2[0] + d2[1]) + t2);
+  const double sum1 = static_cast<double>(xsimd::hadd(d1[0] + d1[1]));
+  const double sum2 = static_cast<double>(xsimd::hadd(d2[0] + d2[1]));
   if (!std::isfinite(sum1) || !std::isfinite(sum2)) return moments_double<A>(x, r);
   return {m + sum1 / count, std::max(0.0, sum2 - sum1 * sum1 / count)};
 }
@@ -200,29 +201,30 @@ void normalize_nchw(const float* x, float* y, region r, float mean, float scale,
   constexpr int64_t W = V::size;
   const V vm(mean), vs(scale), vb(shift);
   const bool relu = relu_out.relu;
-  auto one = [&](float v) { return relu ? relu1(madd1<A>(v - mean, scale, shift))
-                                        : madd1<A>(v - mean, scale, shift); };
+  auto compute = [&](V v) {
+    const V out = madd(v - vm, vs, vb);
+    return relu ? relu_vec<A>(out) : out;
+  };
   for (int64_t i = 0; i < r.rows; ++i) {
     const float* xr = x + i * r.stride;
     float* yr = y + i * r.stride;
     bit_writer bits(relu ? relu_out.bits : nullptr, relu_out.index + i * r.stride);
-    const int64_t head = stream ? head_to_align<A>(yr, r.cols) : 0;
-    int64_t j = 0;
-    for (; j < head; ++j) {
-      yr[j] = one(xr[j]);
-      bits.push(yr[j] > 0.f, 1);
+    int64_t j = stream ? head_to_align<A>(yr, r.cols) : 0;
+    if (j > 0) {  // up to the first aligned vector; j < W
+      const V v = compute(simd::load_first<A>(xr, j));
+      bits.push(to_bits<A>(v > V(0.f)) & ((1u << j) - 1u), static_cast<unsigned>(j));
+      simd::store_first<A>(yr, v, j);
     }
     for (; j + W <= r.cols; j += W) {
-      V v = madd(V::load_unaligned(xr + j) - vm, vs, vb);
-      if (relu) {
-        v = relu_vec<A>(v);
-        bits.push(to_bits<A>(v > V(0.f)), W);
-      }
+      const V v = compute(V::load_unaligned(xr + j));
+      if (relu) bits.push(to_bits<A>(v > V(0.f)), W);
       simd::store<A>(yr + j, v, stream);
     }
-    for (; j < r.cols; ++j) {
-      yr[j] = one(xr[j]);
-      bits.push(yr[j] > 0.f, 1);
+    if (j < r.cols) {
+      const int64_t n = r.cols - j;
+      const V v = compute(simd::load_first<A>(xr + j, n));
+      bits.push(to_bits<A>(v > V(0.f)) & ((1u << n) - 1u), static_cast<unsigned>(n));
+      simd::store_first<A>(yr + j, v, n);
     }
     bits.finish();
   }
@@ -286,6 +288,17 @@ void backward_reduce_double(const float* x, const float* dy, region r, double me
   *sum_dy_xmu = s1;
 }
 
+// dy in the first n lanes (all W if n == W), zeroed where the ReLU bit is
+// clear; 0 in the other lanes.
+template <class A>
+inline simd::vfloat<A> load_dy(const float* dy, int64_t n, relu_bits_in relu_in, int64_t index) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const V g = n == W ? V::load_unaligned(dy) : simd::load_first<A>(dy, n);
+  if (!relu_in.bits) return g;
+  return xsimd::select(from_bits<A>(load_bits(relu_in.bits, index, static_cast<int>(n))), g, V(0.f));
+}
+
 template <class A>
 void backward_reduce_nchw(const float* x, const float* dy, region r, float mean,
                           relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu) {
@@ -293,27 +306,26 @@ void backward_reduce_nchw(const float* x, const float* dy, region r, float mean,
   constexpr int64_t W = V::size;
   const V vm(mean), zero(0.f);
   V s0[2] = {zero, zero}, s1[2] = {zero, zero};
-  float t0 = 0.f, t1 = 0.f;
   for (int64_t i = 0; i < r.rows; ++i) {
     const float* xr = x + i * r.stride;
     const float* gr = dy + i * r.stride;
     const int64_t index = relu_in.index + i * r.stride;
     int64_t j = 0;
     for (; j + W <= r.cols; j += W) {
-      V g = V::load_unaligned(gr + j);
-      if (relu_in.bits) g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, index + j, W)), g, zero);
+      const V g = load_dy<A>(gr + j, W, relu_in, index + j);
       const int k = static_cast<int>((j / W) & 1);
       s0[k] += g;
       s1[k] = madd(g, V::load_unaligned(xr + j) - vm, s1[k]);
     }
-    for (; j < r.cols; ++j) {
-      const float g = masked1(gr, j, relu_in.bits, index + j);
-      t0 += g;
-      t1 = madd1<A>(g, xr[j] - mean, t1);
+    if (j < r.cols) {  // masked tail: inactive lanes add 0
+      const int64_t n = r.cols - j;
+      const V g = load_dy<A>(gr + j, n, relu_in, index + j);
+      s0[1] += g;
+      s1[1] = madd(g, simd::keep_first<A>(simd::load_first<A>(xr + j, n) - vm, n), s1[1]);
     }
   }
-  *sum_dy = static_cast<double>(xsimd::hadd(s0[0] + s0[1]) + t0);
-  *sum_dy_xmu = static_cast<double>(xsimd::hadd(s1[0] + s1[1]) + t1);
+  *sum_dy = static_cast<double>(xsimd::hadd(s0[0] + s0[1]));
+  *sum_dy_xmu = static_cast<double>(xsimd::hadd(s1[0] + s1[1]));
   if (!std::isfinite(*sum_dy) || !std::isfinite(*sum_dy_xmu))
     backward_reduce_double<A>(x, dy, r, mean, relu_in, sum_dy, sum_dy_xmu);
 }
@@ -361,24 +373,19 @@ void backward_apply_nchw(const float* x, const float* dy, float* dx, region r, f
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const V vm(mean), va(a), vb(b), vc(c), zero(0.f);
+  // n lanes of dx from position j of row `at` (n == W: a full vector).
+  auto compute = [&](int64_t at, int64_t j, int64_t n) {
+    const V g = load_dy<A>(dy + at + j, n, relu_in, relu_in.index + at + j);
+    if (!x) return va * g;
+    const V xv = n == W ? V::load_unaligned(x + at + j) : simd::load_first<A>(x + at + j, n);
+    return madd(va, g, madd(xv - vm, vb, vc));
+  };
   for (int64_t i = 0; i < r.rows; ++i) {
     const int64_t at = i * r.stride;
-    const int64_t index = relu_in.index + at;
-    auto one = [&](int64_t j) {
-      const float g = masked1(dy + at, j, relu_in.bits, index + j);
-      const float rest = x ? madd1<A>(x[at + j] - mean, b, c) : 0.f;
-      dx[at + j] = madd1<A>(a, g, rest);
-    };
-    const int64_t head = stream ? head_to_align<A>(dx + at, r.cols) : 0;
-    int64_t j = 0;
-    for (; j < head; ++j) one(j);
-    for (; j + W <= r.cols; j += W) {
-      V g = V::load_unaligned(dy + at + j);
-      if (relu_in.bits) g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, index + j, W)), g, zero);
-      const V rest = x ? madd(V::load_unaligned(x + at + j) - vm, vb, vc) : zero;
-      simd::store<A>(dx + at + j, madd(va, g, rest), stream);
-    }
-    for (; j < r.cols; ++j) one(j);
+    int64_t j = stream ? head_to_align<A>(dx + at, r.cols) : 0;
+    if (j > 0) simd::store_first<A>(dx + at, compute(at, 0, j), j);
+    for (; j + W <= r.cols; j += W) simd::store<A>(dx + at + j, compute(at, j, W), stream);
+    if (j < r.cols) simd::store_first<A>(dx + at + j, compute(at, j, r.cols - j), r.cols - j);
   }
   if (stream) _mm_sfence();
 }

@@ -68,6 +68,45 @@ inline bool is_aligned(const float* p) {
   return reinterpret_cast<uintptr_t>(p) % sizeof(vfloat<A>) == 0;
 }
 
+// The first n < W lanes: loaded from p (reading only those n floats),
+// stored to p, or selected. For tails of rows, so that a row of 49 floats
+// costs four AVX-512 iterations and no scalar loop.
+template <class A>
+inline vfloat<A> load_first(const float* p, int64_t n) {
+  if constexpr (is_avx512<A>) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
+  } else if constexpr (is_avx<A>) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes));
+  } else {
+    alignas(16) float buffer[vfloat<A>::size] = {};
+    for (int64_t i = 0; i < n; ++i) buffer[i] = p[i];
+    return vfloat<A>::load_aligned(buffer);
+  }
+}
+
+template <class A>
+inline void store_first(float* p, vfloat<A> v, int64_t n) {
+  if constexpr (is_avx512<A>) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), v);
+  } else if constexpr (is_avx<A>) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes), v);
+  } else {
+    alignas(16) float buffer[vfloat<A>::size];
+    v.store_aligned(buffer);
+    for (int64_t i = 0; i < n; ++i) p[i] = buffer[i];
+  }
+}
+
+// v in the first n lanes, 0 in the others.
+template <class A>
+inline vfloat<A> keep_first(vfloat<A> v, int64_t n) {
+  alignas(64) static const float lane[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return xsimd::select(vfloat<A>::load_aligned(lane) < vfloat<A>(static_cast<float>(n)), v,
+                       vfloat<A>(0.f));
+}
+
 // Lane i of the mask -> bit i.
 template <class A>
 inline uint32_t to_bits(vmask<A> m) {
