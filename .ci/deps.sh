@@ -3,7 +3,7 @@
 # with sudo available); a machine that already has them is left as it is.
 set -euo pipefail
 packages=(cmake g++ make pkg-config libxsimd-dev libgtest-dev libgmock-dev libbenchmark-dev
-          clang-14 libclang-rt-14-dev openmpi-bin libopenmpi-dev python3)
+          clang-14 libclang-rt-14-dev libomp-14-dev openmpi-bin libopenmpi-dev python3)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
