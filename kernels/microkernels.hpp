@@ -194,41 +194,53 @@ int64_t head_to_align(const float* y, int64_t cols) {
   return std::min(head, cols);
 }
 
-template <class A>
-void normalize_nchw(const float* x, float* y, region r, float mean, float scale, float shift,
-                    relu_bits relu_out, bool stream) {
+// The row loop, compiled once per (ReLU, streaming) pair so that the
+// vector loop tests neither.
+template <class A, bool Relu, bool Stream>
+void normalize_nchw_rows(const float* x, float* y, region r, float mean, float scale, float shift,
+                         relu_bits relu_out) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const V vm(mean), vs(scale), vb(shift);
-  const bool relu = relu_out.relu;
   auto compute = [&](V v) {
     const V out = madd(v - vm, vs, vb);
-    return relu ? relu_vec<A>(out) : out;
+    if constexpr (Relu) return relu_vec<A>(out);
+    return out;
   };
   for (int64_t i = 0; i < r.rows; ++i) {
     const float* xr = x + i * r.stride;
     float* yr = y + i * r.stride;
-    bit_writer bits(relu ? relu_out.bits : nullptr, relu_out.index + i * r.stride);
-    int64_t j = stream ? head_to_align<A>(yr, r.cols) : 0;
-    if (j > 0) {  // up to the first aligned vector; j < W
+    bit_writer bits(Relu ? relu_out.bits : nullptr, relu_out.index + i * r.stride);
+    int64_t j = Stream ? head_to_align<A>(yr, r.cols) : 0;
+    if (Stream && j > 0) {  // up to the first aligned vector; j < W
       const V v = compute(simd::load_first<A>(xr, j));
-      bits.push(to_bits<A>(v > V(0.f)) & ((1u << j) - 1u), static_cast<unsigned>(j));
+      if (Relu) bits.push(to_bits<A>(v > V(0.f)) & ((1u << j) - 1u), static_cast<unsigned>(j));
       simd::store_first<A>(yr, v, j);
     }
     for (; j + W <= r.cols; j += W) {
       const V v = compute(V::load_unaligned(xr + j));
-      if (relu) bits.push(to_bits<A>(v > V(0.f)), W);
-      simd::store<A>(yr + j, v, stream);
+      if (Relu) bits.push(to_bits<A>(v > V(0.f)), W);
+      simd::store<A>(yr + j, v, Stream);
     }
     if (j < r.cols) {
       const int64_t n = r.cols - j;
       const V v = compute(simd::load_first<A>(xr + j, n));
-      bits.push(to_bits<A>(v > V(0.f)) & ((1u << n) - 1u), static_cast<unsigned>(n));
+      if (Relu) bits.push(to_bits<A>(v > V(0.f)) & ((1u << n) - 1u), static_cast<unsigned>(n));
       simd::store_first<A>(yr + j, v, n);
     }
     bits.finish();
   }
-  if (stream) _mm_sfence();
+  if (Stream) _mm_sfence();
+}
+
+template <class A>
+void normalize_nchw(const float* x, float* y, region r, float mean, float scale, float shift,
+                    relu_bits relu_out, bool stream) {
+  auto rows = relu_out.relu ? (stream ? normalize_nchw_rows<A, true, true>
+                                      : normalize_nchw_rows<A, true, false>)
+                            : (stream ? normalize_nchw_rows<A, false, true>
+                                      : normalize_nchw_rows<A, false, false>);
+  rows(x, y, r, mean, scale, shift, relu_out);
 }
 
 // NHWC rows are normalized whole, in memory order: one stream in, one out;
