@@ -112,6 +112,13 @@ int64_t nchw_chunk(const plan& p, int64_t k, region* r) {
   return row * p.stride + col;
 }
 
+// Asks for n floats from p to be brought into L2 (see prefetch_chunk).
+void prefetch_floats(const float* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(float)); b += 64)
+    __builtin_prefetch(bytes + b, 0, 2);
+}
+
 // Chunk k of an NHWC tensor: whole rows.
 int64_t nhwc_chunk(const plan& p, int64_t k, region* r) {
   const int64_t row = k * kChunkRows;
@@ -232,6 +239,13 @@ void nhwc_slice_moments(const kernel_table& k, const plan& p, const float* x, in
   for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch) {
     region r;
     const int64_t at = nhwc_chunk(p, ch, &r);
+    // The kernel reads the chunk a group of columns at a time; the next
+    // chunk's rows are contiguous, so ask for them now, as one stream.
+    if (ch + 1 < slice_begin(p, slice + 1)) {
+      region next;
+      const int64_t next_at = nhwc_chunk(p, ch + 1, &next);
+      prefetch_floats(x + next_at, next.rows * p.c);
+    }
     k.moments_nhwc(x + at, r, chunk, work);
     merge_same_count(acc, chunk, p.c, static_cast<double>(r.rows));
   }
@@ -330,6 +344,12 @@ void nhwc_slice_sums(const kernel_table& k, const plan& p, const float* x, const
   for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch) {
     region r;
     const int64_t at = nhwc_chunk(p, ch, &r);
+    if (ch + 1 < slice_begin(p, slice + 1)) {
+      region next;
+      const int64_t next_at = nhwc_chunk(p, ch + 1, &next);
+      prefetch_floats(x + next_at, next.rows * p.c);
+      prefetch_floats(dy + next_at, next.rows * p.c);
+    }
     k.backward_reduce_nhwc(x + at, dy + at, r, mean, {mask, at}, chunk, chunk + p.c, work);
     for (int64_t j = 0; j < p.c; ++j) {
       acc[j].dy += chunk[j];

@@ -121,56 +121,81 @@ moments moments_nchw(const float* x, region r) {
   return {m + sum1 / count, std::max(0.0, sum2 - sum1 * sum1 / count)};
 }
 
-// NHWC: the same two passes, down the columns, with rows read whole in
-// memory order and one accumulator per channel kept in `work` (4 * cols
-// floats, in L1/L2). Each channel sees exactly the operations of one vector
-// lane, whether it falls in a vector or in the scalar tail.
-template <class A>
-void moments_nhwc(const float* x, region r, moments* out, float* work) {
+// NHWC: the same two passes, down the columns, Q vectors of adjacent
+// channels at a time with their accumulators in registers: each channel is
+// one vector lane (or, in the tail, the same operations in scalar), so its
+// result does not depend on which group it falls in. The region is a chunk
+// of whole rows; its 64 rows x C floats are in L2 (the operator prefetches
+// the next chunk), each group's second pass reads L1.
+template <class A, int Q>
+void moments_columns(const float* x, region r, int64_t j0, moments* out) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
-  float* s = work;
-  float* m = work + r.cols;
-  float* d1 = work + 2 * r.cols;
-  float* d2 = work + 3 * r.cols;
-  const float n = static_cast<float>(r.rows);
-  std::fill(s, s + r.cols, 0.f);
-  for (int64_t i = 0; i < r.rows; ++i) {
-    const float* row = x + i * r.stride;
-    int64_t j = 0;
-    for (; j + W <= r.cols; j += W)
-      (V::load_unaligned(s + j) + (V::load_unaligned(row + j) - V::load_unaligned(x + j)))
-          .store_unaligned(s + j);
-    for (; j < r.cols; ++j) s[j] += row[j] - x[j];
+  const V n(static_cast<float>(r.rows));
+  V x0[Q], s[Q], m[Q], d1[Q], d2[Q];
+  for (int q = 0; q < Q; ++q) {
+    x0[q] = V::load_unaligned(x + j0 + q * W);
+    s[q] = d1[q] = d2[q] = V(0.f);
   }
-  for (int64_t j = 0; j < r.cols; ++j) {
-    m[j] = x[j] + s[j] / n;
-    d1[j] = d2[j] = 0.f;
-  }
-  for (int64_t i = 0; i < r.rows; ++i) {
-    const float* row = x + i * r.stride;
-    int64_t j = 0;
-    for (; j + W <= r.cols; j += W) {
-      const V d = V::load_unaligned(row + j) - V::load_unaligned(m + j);
-      (V::load_unaligned(d1 + j) + d).store_unaligned(d1 + j);
-      madd(d, d, V::load_unaligned(d2 + j)).store_unaligned(d2 + j);
+  for (int64_t i = 0; i < r.rows; ++i)
+    for (int q = 0; q < Q; ++q) s[q] += V::load_unaligned(x + i * r.stride + j0 + q * W) - x0[q];
+  for (int q = 0; q < Q; ++q) m[q] = x0[q] + s[q] / n;
+  for (int64_t i = 0; i < r.rows; ++i)
+    for (int q = 0; q < Q; ++q) {
+      const V d = V::load_unaligned(x + i * r.stride + j0 + q * W) - m[q];
+      d1[q] += d;
+      d2[q] = madd(d, d, d2[q]);
     }
-    for (; j < r.cols; ++j) {
-      const float d = row[j] - m[j];
-      d1[j] += d;
-      d2[j] = madd1<A>(d, d, d2[j]);
-    }
+  alignas(64) float mv[Q * W], s1[Q * W], s2[Q * W];
+  for (int q = 0; q < Q; ++q) {
+    m[q].store_aligned(mv + q * W);
+    d1[q].store_aligned(s1 + q * W);
+    d2[q].store_aligned(s2 + q * W);
   }
   const double count = static_cast<double>(r.rows);
-  for (int64_t j = 0; j < r.cols; ++j) {
-    if (std::isfinite(d1[j]) && std::isfinite(d2[j])) {
-      out[j] = {m[j] + d1[j] / count,
-                std::max(0.0, d2[j] - static_cast<double>(d1[j]) * d1[j] / count)};
+  for (int64_t k = 0; k < Q * W; ++k) {
+    if (std::isfinite(s1[k]) && std::isfinite(s2[k])) {
+      out[j0 + k] = {mv[k] + s1[k] / count,
+                     std::max(0.0, s2[k] - static_cast<double>(s1[k]) * s1[k] / count)};
+    } else {
+      out[j0 + k] = moments_double<A>(x + j0 + k, {r.rows, 1, r.stride});
+    }
+  }
+}
+
+template <class A>
+void moments_nhwc(const float* x, region r, moments* out, float* /*work*/) {
+  constexpr int64_t W = simd::vfloat<A>::size;
+  int64_t j = 0;
+  for (; j + 4 * W <= r.cols; j += 4 * W) moments_columns<A, 4>(x, r, j, out);
+  for (; j + W <= r.cols; j += W) moments_columns<A, 1>(x, r, j, out);
+  // Tail channels: the same operations as one vector lane, in scalar.
+  for (; j < r.cols; ++j) {
+    const float x0 = x[j];
+    float s = 0.f;
+    for (int64_t i = 0; i < r.rows; ++i) s += x[i * r.stride + j] - x0;
+    const float m = x0 + s / static_cast<float>(r.rows);
+    float d1 = 0.f, d2 = 0.f;
+    for (int64_t i = 0; i < r.rows; ++i) {
+      const float d = x[i * r.stride + j] - m;
+      d1 += d;
+      d2 = madd1<A>(d, d, d2);
+    }
+    const double count = static_cast<double>(r.rows);
+    if (std::isfinite(d1) && std::isfinite(d2)) {
+      out[j] = {m + d1 / count, std::max(0.0, d2 - static_cast<double>(d1) * d1 / count)};
     } else {
       out[j] = moments_double<A>(x + j, {r.rows, 1, r.stride});
     }
   }
 }
+
+// ---------------------------------------------------------------------------
+// Normalize: y = (x - mean) * scale + shift. Subtracting first (rather than
+// x * scale + (shift - mean * scale)) keeps y exact where x == mean, so a
+// constant channel gives exactly `shift`, and costs nothing in a loop that
+// waits for memory. ReLU keeps NaN (select on y <= 0, false for NaN).
+
 
 // ---------------------------------------------------------------------------
 // Normalize: y = (x - mean) * scale + shift. Subtracting first (rather than
@@ -342,42 +367,69 @@ void backward_reduce_nchw(const float* x, const float* dy, region r, float mean,
     backward_reduce_double<A>(x, dy, r, mean, relu_in, sum_dy, sum_dy_xmu);
 }
 
-// NHWC: rows whole, in memory order; per-channel float sums in `work`
-// (2 * cols floats), returned in double.
-template <class A>
-void backward_reduce_nhwc(const float* x, const float* dy, region r, const float* mean,
-                          relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu, float* work) {
+// NHWC: as moments_nhwc, Q vectors of channels at a time in registers.
+template <class A, int Q>
+void backward_reduce_columns(const float* x, const float* dy, region r, int64_t j0,
+                             const float* mean, relu_bits_in relu_in, double* sum_dy,
+                             double* sum_dy_xmu) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const V zero(0.f);
-  float* s0 = work;
-  float* s1 = work + r.cols;
-  std::fill(work, work + 2 * r.cols, 0.f);
+  V vm[Q], s0[Q], s1[Q];
+  for (int q = 0; q < Q; ++q) {
+    vm[q] = V::load_unaligned(mean + j0 + q * W);
+    s0[q] = s1[q] = zero;
+  }
   for (int64_t i = 0; i < r.rows; ++i) {
-    const int64_t at = i * r.stride;
-    int64_t j = 0;
-    for (; j + W <= r.cols; j += W) {
-      V g = V::load_unaligned(dy + at + j);
+    const int64_t at = i * r.stride + j0;
+    for (int q = 0; q < Q; ++q) {
+      V g = V::load_unaligned(dy + at + q * W);
       if (relu_in.bits)
-        g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, relu_in.index + at + j, W)), g, zero);
-      (V::load_unaligned(s0 + j) + g).store_unaligned(s0 + j);
-      madd(g, V::load_unaligned(x + at + j) - V::load_unaligned(mean + j), V::load_unaligned(s1 + j))
-          .store_unaligned(s1 + j);
-    }
-    for (; j < r.cols; ++j) {
-      const float g = masked1(dy + at, j, relu_in.bits, relu_in.index + at + j);
-      s0[j] += g;
-      s1[j] = madd1<A>(g, x[at + j] - mean[j], s1[j]);
+        g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, relu_in.index + at + q * W, W)), g, zero);
+      s0[q] += g;
+      s1[q] = madd(g, V::load_unaligned(x + at + q * W) - vm[q], s1[q]);
     }
   }
-  for (int64_t j = 0; j < r.cols; ++j) {
-    sum_dy[j] = s0[j];
-    sum_dy_xmu[j] = s1[j];
-    if (!std::isfinite(s0[j]) || !std::isfinite(s1[j]))
+  alignas(64) float a0[Q * W], a1[Q * W];
+  for (int q = 0; q < Q; ++q) {
+    s0[q].store_aligned(a0 + q * W);
+    s1[q].store_aligned(a1 + q * W);
+  }
+  for (int64_t k = 0; k < Q * W; ++k) {
+    sum_dy[j0 + k] = a0[k];
+    sum_dy_xmu[j0 + k] = a1[k];
+    if (!std::isfinite(a0[k]) || !std::isfinite(a1[k]))
+      backward_reduce_double<A>(x + j0 + k, dy + j0 + k, {r.rows, 1, r.stride}, mean[j0 + k],
+                                {relu_in.bits, relu_in.index + j0 + k}, sum_dy + j0 + k,
+                                sum_dy_xmu + j0 + k);
+  }
+}
+
+template <class A>
+void backward_reduce_nhwc(const float* x, const float* dy, region r, const float* mean,
+                          relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu,
+                          float* /*work*/) {
+  constexpr int64_t W = simd::vfloat<A>::size;
+  int64_t j = 0;
+  for (; j + 4 * W <= r.cols; j += 4 * W)
+    backward_reduce_columns<A, 4>(x, dy, r, j, mean, relu_in, sum_dy, sum_dy_xmu);
+  for (; j + W <= r.cols; j += W)
+    backward_reduce_columns<A, 1>(x, dy, r, j, mean, relu_in, sum_dy, sum_dy_xmu);
+  for (; j < r.cols; ++j) {
+    float t0 = 0.f, t1 = 0.f;
+    for (int64_t i = 0; i < r.rows; ++i) {
+      const float g = masked1(dy + i * r.stride, j, relu_in.bits, relu_in.index + i * r.stride + j);
+      t0 += g;
+      t1 = madd1<A>(g, x[i * r.stride + j] - mean[j], t1);
+    }
+    sum_dy[j] = t0;
+    sum_dy_xmu[j] = t1;
+    if (!std::isfinite(t0) || !std::isfinite(t1))
       backward_reduce_double<A>(x + j, dy + j, {r.rows, 1, r.stride}, mean[j],
                                 {relu_in.bits, relu_in.index + j}, sum_dy + j, sum_dy_xmu + j);
   }
 }
+
 
 template <class A>
 void backward_apply_nchw(const float* x, const float* dy, float* dx, region r, float mean,
