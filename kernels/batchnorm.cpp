@@ -78,6 +78,12 @@ plan make_plan(const bnorm_shape& s) {
   p.spatial = s.spatial;
   p.nhwc = s.layout == BNORM_NHWC || s.spatial == 1;
   p.count = s.n * s.spatial;
+  if (p.count == 0) {
+    // No values (valid for inference and backward): no chunks, and no
+    // products such as c * spatial, which need not fit when n == 0.
+    p.slices = 1;
+    return p;
+  }
   if (p.nhwc) {
     p.rows = p.count;
     p.stride = s.c;
