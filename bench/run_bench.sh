@@ -1,0 +1,132 @@
+#!/bin/sh
+# Runs bnorm_bench the way docs/performance.md was measured.
+#
+#   bench/run_bench.sh --quick            three problems, all operations (< 1 min), a table
+#   bench/run_bench.sh                    the full suite (~1500 rows, ~25 min), JSON
+#   bench/run_bench.sh --out r.json --benchmark_filter='fwd_inference/.*/bnorm/'
+#
+# Options: --quick, --build DIR (the CMake build directory; default build,
+# then build-bench), --out FILE (JSON; default DIR/bench/bnorm_bench[_quick].json),
+# --wait-quiet (wait until the CPUs have been idle for 20 s before the run,
+# and hold every row until other processes leave the CPUs idle), --reruns N (default 2: rows that ran while other processes
+# used the CPUs, or failed, are run again up to N times and merged into FILE).
+# Everything else goes to the binary (Google Benchmark flags).
+#
+# PyTorch allocates its outputs on every call. glibc returns large blocks to
+# the kernel on free, so every call would fault its output in again; jemalloc
+# with decay off and retain keeps the pages: the rows time batch norm, not
+# page faults. The same allocator is preloaded for bnorm and oneDNN (they
+# allocate nothing in their timed loops).
+set -eu
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+quick=0
+build=""
+out=""
+wait_quiet=0
+reruns=2
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1; shift ;;
+    --wait-quiet) wait_quiet=1; shift ;;
+    --reruns) reruns=$2; shift 2 ;;
+    --reruns=*) reruns=${1#--reruns=}; shift ;;
+    --build) build=$2; shift 2 ;;
+    --build=*) build=${1#--build=}; shift ;;
+    --out) out=$2; shift 2 ;;
+    --out=*) out=${1#--out=}; shift ;;
+    *) break ;;
+  esac
+done
+
+if [ -z "$build" ]; then
+  for d in "$repo/build" "$repo/build-bench"; do
+    if [ -x "$d/bench/bnorm_bench" ]; then build=$d; break; fi
+  done
+fi
+bin="${build:-$repo/build}/bench/bnorm_bench"
+if [ ! -x "$bin" ]; then
+  echo "run_bench.sh: no $bin; build it first:" >&2
+  echo "  cmake -S $repo -B $repo/build && cmake --build $repo/build -j2 --target bnorm_bench" >&2
+  exit 1
+fi
+if [ -z "$out" ]; then
+  if [ $quick = 1 ]; then out="$build/bench/bnorm_bench_quick.json"; else out="$build/bench/bnorm_bench.json"; fi
+fi
+
+jemalloc=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+if [ -r "$jemalloc" ]; then
+  LD_PRELOAD="$jemalloc${LD_PRELOAD:+:$LD_PRELOAD}"
+  MALLOC_CONF=${MALLOC_CONF:-dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true}
+  export LD_PRELOAD MALLOC_CONF
+else
+  echo "run_bench.sh: $jemalloc not found (apt install libjemalloc2);" \
+       "PyTorch rows will include page faults" >&2
+fi
+
+# Percentage of all CPUs' time spent busy over the next $1 seconds.
+busy_percent() {
+  before=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $5+$6}' /proc/stat)
+  sleep "$1"
+  awk -v before="$before" '/^cpu /{split(before, b, " ");
+    work = $2+$3+$4+$7+$8+$9 - b[1]; idle = $5+$6 - b[2];
+    printf "%.0f", 100 * work / (work + idle + 1e-9)}' /proc/stat
+}
+
+# A busy machine makes every row slower and the ratios meaningless.
+wait_until_quiet() {
+  [ $wait_quiet = 1 ] || return 0
+  quiet=0
+  while [ $quiet -lt 4 ]; do
+    if [ "$(busy_percent 5)" -le 3 ]; then quiet=$((quiet + 1)); else quiet=0; fi
+  done
+}
+
+python=python3
+python3 -c "import matplotlib" 2>/dev/null || { [ -x /usr/bin/python3 ] && python=/usr/bin/python3; }
+
+wait_until_quiet
+busy=$(busy_percent 1)
+load=$(cut -d' ' -f1 /proc/loadavg)
+if [ "$busy" -gt 10 ]; then
+  echo "run_bench.sh: the CPUs were ${busy}% busy before the run: results will be noisy" >&2
+fi
+
+# Context values may not contain ',' (Google Benchmark splits on it).
+git_rev=$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)
+model=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | tr ',' ';' | head -n1)
+packages=$(dpkg-query -W -f='${Package} ${Version};' libdnnl-dev libtorch-dev libbenchmark-dev \
+           libjemalloc2 2>/dev/null | tr ',' ';' || true)
+context="git=$git_rev,lscpu_model=${model:-unknown},load_before=$load,busy_before=${busy}%,packages=${packages:-unknown}"
+
+[ $wait_quiet = 1 ] && set -- --wait_quiet "$@"
+set -- --benchmark_out="$out" --benchmark_out_format=json --benchmark_context="$context" "$@"
+if [ $quick = 1 ]; then
+  log="${out%.json}.log"
+  echo "bnorm_bench --quick: $bin (log: $log)" >&2
+  if ! "$bin" --quick "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    exit 1
+  fi
+  # The table needs no plotting library; any python3 will do.
+  exec python3 "$repo/bench/report.py" --summary "$out"
+else
+  "$bin" "$@"
+  # Rows that ran next to other processes (others_cpu in the JSON) or failed:
+  # run them again and let the new rows replace the old ones.
+  shift 3  # the --benchmark_out/_format/_context set above
+  i=0
+  while [ "$i" -lt "$reruns" ]; do
+    filter=$("$python" "$repo/bench/report.py" --disturbed-filter "$out")
+    [ -n "$filter" ] || break
+    i=$((i + 1))
+    echo "run_bench.sh: rerun $i: $(echo "$filter" | tr '|' '\n' | wc -l) disturbed or failed rows" >&2
+    wait_until_quiet
+    "$bin" --benchmark_out="$out.rerun" --benchmark_out_format=json \
+      --benchmark_context="$context" "$@" --benchmark_filter="$filter"
+    "$python" "$repo/bench/report.py" --merge-into "$out" "$out" "$out.rerun"
+    rm -f "$out.rerun"
+  done
+  echo "results: $out" >&2
+  echo "report:  $python $repo/bench/report.py $out   (writes docs/performance.md, docs/img/)" >&2
+fi
