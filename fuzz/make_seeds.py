@@ -120,12 +120,13 @@ def seeds():
         "overflow": ("INT64_MAX", "2", "2"), "too-many": ("2^31", "2^32", "2"),
         "just-too-many": ("1", "1", "PTRDIFF_MAX/4+1"), "c-too-many": ("0", "PTRDIFF_MAX/4+1", "1"),
         "n0-c-huge": ("0", "2^62", "7"), "n0-spatial-huge": ("0", "2", "INT64_MAX"),
-        "n-huge-spatial0": ("INT64_MAX", "2", "0"), "all-min": ("INT64_MIN", "INT64_MIN", "INT64_MIN"),
+        "n-huge-spatial0": ("INT64_MAX", "2", "0"), "n-huge-c1-spatial0": ("INT64_MAX", "1", "0"),
+        "all-min": ("INT64_MIN", "INT64_MIN", "INT64_MIN"),
     }
     for name, dims in hostile.items():
         for op in ("training", "backward"):
             out[f"{op}-hostile-{name}"] = case(op, hostile=dims)
-    for name in ("n0-spatial-huge", "n-huge-spatial0", "c-too-many"):
+    for name in ("n0-spatial-huge", "n-huge-c1-spatial0", "c-too-many"):
         for op in ("inference", "split_training", "split_backward"):
             out[f"{op}-hostile-{name}"] = case(op, hostile=hostile[name])
     for v in range(4):
