@@ -143,9 +143,32 @@ slice_range nhwc_share(const plan& p, int t, int nt) {
   return {p.slices * t / nt, p.slices * (t + 1) / nt};
 }
 
-// The last-level cache size the machine reports (sysconf reads CPUID).
+// The last-level cache size the machine reports: Linux's sysfs first (what
+// lscpu shows), then glibc's sysconf. sysfs wins because glibc derives the
+// size from CPUID leaves that some hypervisors fill oddly (on this project's
+// KVM machines sysconf says 320 MiB for a 32 MiB L3).
+int64_t sysfs_cache_bytes() {
+  int64_t best = 0;
+  for (int index = 0; index < 8; ++index) {
+    char path[80];
+    std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
+    std::FILE* f = std::fopen(path, "r");
+    if (!f) break;
+    long long value = 0;
+    char unit = 0;
+    if (std::fscanf(f, "%lld%c", &value, &unit) >= 1) {
+      const int64_t bytes = value * (unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : 1);
+      best = std::max(best, bytes);
+    }
+    std::fclose(f);
+  }
+  return best;
+}
+
 int64_t cache_bytes() {
   static const int64_t bytes = [] {
+    const int64_t sysfs = sysfs_cache_bytes();
+    if (sysfs > 0) return sysfs;
     const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE), l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
     return static_cast<int64_t>(l3 > 0 ? l3 : l2 > 0 ? l2 : 1 << 20);
   }();
