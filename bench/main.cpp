@@ -19,6 +19,7 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "workload.h"
@@ -29,7 +30,7 @@ namespace {
 void run_copy(benchmark::State& state, size_t bytes) {
   using clock = std::chrono::steady_clock;
   arena& a = arena::get();
-  const double best_s = best_nt_copy_seconds(a.copy_dst(), a.copy_src(), bytes);
+  const double best_s = nt_copy_seconds(a.copy_dst(), a.copy_src(), bytes);
   double total = 0.0;
   const others_cpu_meter others;
   for (auto _ : state) {
@@ -43,6 +44,44 @@ void run_copy(benchmark::State& state, size_t bytes) {
   const double traffic = 2.0 * static_cast<double>(bytes);
   state.counters["GB/s"] = traffic / (total / static_cast<double>(state.iterations())) * 1e-9;
   state.counters["copy_GB/s"] = traffic / best_s * 1e-9;
+  state.counters["others_cpu"] = others.share();
+}
+
+// What the machine's memory does today: read-only, copy with ordinary
+// stores, copy with streaming stores, on the working sets of
+// /work/shared/PERFORMANCE.md's table. GB/s counts reads + writes.
+enum class machine_kind { read, copy, nt_copy };
+
+void run_machine(benchmark::State& state, machine_kind kind, size_t bytes) {
+  using clock = std::chrono::steady_clock;
+  arena& a = arena::get();
+  auto call = [&] {
+    switch (kind) {
+      case machine_kind::read:
+        benchmark::DoNotOptimize(read_sum(a.copy_src(), bytes));
+        break;
+      case machine_kind::copy:
+        plain_copy(a.copy_dst(), a.copy_src(), bytes);
+        break;
+      case machine_kind::nt_copy:
+        nt_copy(a.copy_dst(), a.copy_src(), bytes);
+        break;
+    }
+  };
+  call();
+  double total = 0.0, best = 1e30;
+  const others_cpu_meter others;
+  for (auto _ : state) {
+    const auto t0 = clock::now();
+    call();
+    const double s = std::chrono::duration<double>(clock::now() - t0).count();
+    state.SetIterationTime(s);
+    total += s;
+    best = std::min(best, s);
+  }
+  const double traffic = static_cast<double>(kind == machine_kind::read ? bytes : 2 * bytes);
+  state.counters["GB/s"] = traffic / (total / static_cast<double>(state.iterations())) * 1e-9;
+  state.counters["best_GB/s"] = traffic / best * 1e-9;
   state.counters["others_cpu"] = others.share();
 }
 
@@ -60,6 +99,22 @@ std::string cpu_model() {
 const char* env_or(const char* name, const char* fallback) {
   const char* v = std::getenv(name);
   return v != nullptr && *v != '\0' ? v : fallback;
+}
+
+void register_machine_rows(size_t span_bytes) {
+  const std::pair<machine_kind, const char*> kinds[] = {{machine_kind::read, "read"},
+                                                        {machine_kind::copy, "copy"},
+                                                        {machine_kind::nt_copy, "nt_copy"}};
+  for (size_t mib : {1, 4, 16, 64, 256}) {
+    const size_t bytes = mib << 20;
+    if (bytes > span_bytes) continue;
+    for (const auto& k : kinds)
+      benchmark::RegisterBenchmark(
+          (std::string("machine/") + k.second + "/bytes:" + std::to_string(bytes)).c_str(),
+          run_machine, k.first, bytes)
+          ->UseManualTime()
+          ->Unit(benchmark::kMicrosecond);
+  }
 }
 
 void register_rows(const std::vector<problem>& problems, const std::vector<implementation>& impls,
@@ -158,12 +213,13 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("torch_version", torch_version());
   peers += "torch ";
 #endif
+  if (!quick) register_machine_rows(arena::copy_span_bytes(max_bytes));
   register_rows(problems, impls, wait_quiet);
 
   benchmark::AddCustomContext("bnorm_isa", bnorm_isa());
   benchmark::AddCustomContext("omp_threads", std::to_string(omp_get_max_threads()));
   benchmark::AddCustomContext("cpu_model", cpu_model());
-  benchmark::AddCustomContext("copy_isa", nt_copy_isa());
+  benchmark::AddCustomContext("copy_isa", memory_reference_isa());
   benchmark::AddCustomContext("suite", quick ? "quick" : "full");
   benchmark::AddCustomContext("wait_quiet", wait_quiet ? "yes" : "no");
   benchmark::AddCustomContext("min_time_s", has_min_time ? "from command line" : min_time);
@@ -172,9 +228,9 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("malloc_conf", env_or("MALLOC_CONF", "none"));
   benchmark::AddCustomContext(
       "copy_ratio",
-      "row mean time / best time so far in the run of a non-temporal copy moving the same "
-      "traffic (forward: copy of S bytes; backward: copy of 1.5 S bytes); best_ratio: the "
-      "row's best iteration instead of its mean");
+      "row mean time / best of 9 batches of a non-temporal copy moving the same traffic, "
+      "timed right before the row (forward: copy of S bytes; backward: copy of 1.5 S "
+      "bytes); best_ratio: the row's best iteration instead of its mean");
   benchmark::AddCustomContext("others_cpu",
                               "share of all CPUs' time used by other processes during the row");
   benchmark::AddCustomContext(

@@ -82,14 +82,14 @@ UNIT_S = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 class Results:
     """Rows keyed by (op, layout, impl, descriptor); copy rows by byte count.
 
-    Times are each row's best iteration (use_mean: the mean), divided by the
-    best copy of the same bytes seen anywhere in the input: the binary's
-    copy time only improves during a run, so early rows are rescored here.
+    Times are each row's best iteration (use_mean: the mean); its reference
+    is the non-temporal copy of the same traffic timed just before it.
     """
 
     def __init__(self, paths, use_mean=False):
         self.rows = {}
         self.copies = {}
+        self.machine = {}  # (kind, bytes) -> best GB/s
         self.context = {}
         self.descs = []  # registration order
         self.files = paths
@@ -128,44 +128,32 @@ class Results:
         return out
 
     def _score(self, raw):
-        # Best copy rate (GB/s of traffic) per copied byte count.
-        best_copy = collections.defaultdict(float)
-        parsed = []
         for name, b in raw.items():
             parts = name.split("/")
+            error = b.get("error_message", "failed") if b.get("error_occurred") else None
+            t_mean = b.get("real_time", 0) * UNIT_S.get(b.get("time_unit", "ns"), 1e-9)
+            if parts[0] == "machine" and len(parts) == 3:
+                self.machine[(parts[1], int(parts[2].split(":")[1]))] = b.get("best_GB/s")
+                continue
             if parts[0] == "copy_nt" and len(parts) == 2:
                 nbytes = int(parts[1].split(":")[1])
-                best_copy[nbytes] = max(best_copy[nbytes], b.get("copy_GB/s") or 0)
-                parsed.append((("copy", nbytes), b))
+                self.copies[nbytes] = Row(t_mean, b.get("GB/s"), None, b.get("copy_GB/s"),
+                                          error, b.get("others_cpu"))
                 continue
             if len(parts) != 4 or parse_shape(parts[3]) is None:
                 continue
-            traffic, copied = traffic_and_copy_bytes(parts[0], parse_shape(parts[3]))
-            if not b.get("error_occurred"):
-                best_copy[copied] = max(best_copy[copied], b.get("copy_GB/s") or 0)
-            parsed.append(((tuple(parts), traffic, copied), b))
-        for key, b in parsed:
-            error = b.get("error_message", "failed") if b.get("error_occurred") else None
-            if key[0] == "copy":
-                nbytes = key[1]
-                t = b.get("real_time", 0) * UNIT_S.get(b.get("time_unit", "ns"), 1e-9)
-                copy_s = 2 * nbytes / (best_copy[nbytes] * 1e9) if best_copy[nbytes] else None
-                self.copies[nbytes] = Row(t, b.get("GB/s"), t / copy_s if copy_s else None,
-                                          best_copy[nbytes], error, b.get("others_cpu"))
-                continue
-            (op, layout, impl, desc), traffic, copied = key
+            op, layout, impl, desc = parts
             if desc not in self.descs:
                 self.descs.append(desc)
             if error:
                 self.rows[(op, layout, impl, desc)] = Row(None, None, None, None, error, None)
                 continue
-            mean_s = b.get("real_time", 0) * UNIT_S.get(b.get("time_unit", "ns"), 1e-9)
-            row_copy_s = traffic / (b["copy_GB/s"] * 1e9)
-            t = mean_s if self.use_mean else b["best_ratio"] * row_copy_s
-            copy_s = traffic / (best_copy[copied] * 1e9)
+            # The row's own reference: the copy timed just before it.
+            traffic, _ = traffic_and_copy_bytes(op, parse_shape(desc))
+            copy_s = traffic / (b["copy_GB/s"] * 1e9)
+            t = t_mean if self.use_mean else b["best_ratio"] * copy_s
             self.rows[(op, layout, impl, desc)] = Row(t, traffic / t * 1e-9, t / copy_s,
-                                                      best_copy[copied], error,
-                                                      b.get("others_cpu"))
+                                                      b["copy_GB/s"], error, b.get("others_cpu"))
 
     def get(self, op, layout, impl, desc):
         r = self.rows.get((op, layout, impl, desc))
@@ -437,8 +425,8 @@ def write_markdown(res, path, images, img_rel):
         ("oneDNN", ctx.get("onednn_version", "not built")),
         ("PyTorch", ctx.get("torch_version", "not built")),
         ("Packages", ctx.get("packages", "?").replace(";", "; ").strip()),
-        ("Copy", "non-temporal stores (`%s`), split over all threads, best of 15"
-         % ctx.get("copy_isa", "?")),
+        ("Copy", "non-temporal stores (`%s`), split over all threads, best of 9 batches "
+         "before each row" % ctx.get("copy_isa", "?")),
         ("Allocator", "LD_PRELOAD=%s, MALLOC_CONF=%s" % (ctx.get("ld_preload", "?"),
                                                          ctx.get("malloc_conf", "?"))),
         ("Run", "%s, suite %s, min time %s s per row; before the run: CPUs %s busy, "
@@ -469,14 +457,15 @@ def write_markdown(res, path, images, img_rel):
     w("- **S** is the tensor's size in bytes (f32). **GB/s** is tensor traffic per second "
       "(10^9 bytes): forward reads S and writes S, backward reads x and dy and writes dx "
       "(3 S). The ReLU mask (S/32) and per-channel vectors are not counted.")
-    w("- **time/copy** (in parentheses after GB/s) is the row's %s time divided by the best "
-      "time of a copy that moves the same traffic: a copy of S bytes for forward operations, "
-      "of 1.5 S bytes for backward. The copy reads with normal loads and writes with streaming "
-      "stores (`_mm512_stream_ps`), both threads; its time is the best of all the batches "
-      "timed for that size during the run (15 at its first use, 5 more at every row that "
-      "uses it). Rows run iterations for at least the min time; GB/s and speed-ups use the "
-      "same %s time." % (("mean iteration", "mean") if res.use_mean else
-                          ("best iteration", "best")))
+    w("- **time/copy** (in parentheses after GB/s) is the row's %s time divided by the time "
+      "of a copy that moves the same traffic: a copy of S bytes for forward operations, of "
+      "1.5 S bytes for backward. The copy reads with normal loads and writes with streaming "
+      "stores (`_mm512_stream_ps`), both threads, on the same buffers; it is timed right "
+      "before each row (best of 9 batches), because this machine's memory bandwidth drifts "
+      "by a factor of two over an hour (other virtual machines share it; see *The machine "
+      "today* below). Rows run iterations for at least the min time; GB/s and speed-ups use "
+      "the same %s time." % (("mean iteration", "mean") if res.use_mean else
+                              ("best iteration", "best")))
     w("- **speed-up** is the faster peer's time divided by bnorm's on the same shape and "
       "layout; **bold** when below 1 (bnorm slower).")
     w("- Problems: the ResNet-50 batch-norm inputs (channels x height x width) at batch 1, 8, "
@@ -498,6 +487,21 @@ def write_markdown(res, path, images, img_rel):
       "copy they are compared with.")
     w("")
 
+    if res.machine:
+        w("## The machine today")
+        w("")
+        w("Best GB/s of reads + writes with both threads (AVX-512 loops, four accumulators for "
+          "the read), measured in the same run. Beyond the L3 cache, every operation that "
+          "writes with ordinary stores pays a read of each written line first; streaming "
+          "stores do not, and this is the gap that the time/copy ratios measure.")
+        w("")
+        sizes = sorted({b for _, b in res.machine})
+        w("| working set | read-only | copy | copy, non-temporal stores |")
+        w("|---|---|---|---|")
+        for b in sizes:
+            w("| %s | %s | %s | %s |" % (human_bytes(b), *(fmt(res.machine.get((k, b)), 1)
+                                                        for k in ("read", "copy", "nt_copy"))))
+        w("")
     # Targets.
     w("## Against the targets")
     w("")
@@ -616,7 +620,8 @@ def write_markdown(res, path, images, img_rel):
     if res.copies:
         w("## The copy itself")
         w("")
-        w("| bytes copied | GB/s (mean of the row, traffic = 2 x bytes) | GB/s (best in the run) |")
+        w("| bytes copied | GB/s (mean of the row, traffic = 2 x bytes) | GB/s (best of 9 "
+          "batches) |")
         w("|---|---|---|")
         for b in sorted(res.copies):
             r = res.copies[b]

@@ -9,7 +9,10 @@
 # then build-bench), --out FILE (JSON; default DIR/bench/bnorm_bench[_quick].json),
 # --wait-quiet (wait until the CPUs have been idle for 20 s before the run,
 # and hold every row until other processes leave the CPUs idle), --reruns N (default 2: rows that ran while other processes
-# used the CPUs, or failed, are run again up to N times and merged into FILE).
+# used the CPUs, or failed, are run again up to N times and merged into FILE),
+# --no-build (by default the script first brings bnorm_bench and the library
+# up to date with `cmake --build`, so that the commit it records is the one
+# measured).
 # Everything else goes to the binary (Google Benchmark flags).
 #
 # PyTorch allocates its outputs on every call. glibc returns large blocks to
@@ -25,10 +28,12 @@ build=""
 out=""
 wait_quiet=0
 reruns=2
+rebuild=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1; shift ;;
     --wait-quiet) wait_quiet=1; shift ;;
+    --no-build) rebuild=0; shift ;;
     --reruns) reruns=$2; shift 2 ;;
     --reruns=*) reruns=${1#--reruns=}; shift ;;
     --build) build=$2; shift 2 ;;
@@ -44,7 +49,11 @@ if [ -z "$build" ]; then
     if [ -x "$d/bench/bnorm_bench" ]; then build=$d; break; fi
   done
 fi
-bin="${build:-$repo/build}/bench/bnorm_bench"
+build=${build:-$repo/build}
+if [ $rebuild = 1 ] && [ -f "$build/CMakeCache.txt" ]; then
+  cmake --build "$build" -j"$(nproc)" --target bnorm_bench >&2
+fi
+bin="$build/bench/bnorm_bench"
 if [ ! -x "$bin" ]; then
   echo "run_bench.sh: no $bin; build it first:" >&2
   echo "  cmake -S $repo -B $repo/build && cmake --build $repo/build -j2 --target bnorm_bench" >&2
@@ -93,7 +102,11 @@ if [ "$busy" -gt 10 ]; then
 fi
 
 # Context values may not contain ',' (Google Benchmark splits on it).
-git_rev=$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)
+# The library's commit; "+local" when its sources differ from it.
+git_rev=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
+if ! git -C "$repo" diff --quiet HEAD -- kernels include CMakeLists.txt cmake 2>/dev/null; then
+  git_rev="$git_rev+local"
+fi
 model=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | tr ',' ';' | head -n1)
 packages=$(dpkg-query -W -f='${Package} ${Version};' libdnnl-dev libtorch-dev libbenchmark-dev \
            libjemalloc2 2>/dev/null | tr ',' ';' || true)

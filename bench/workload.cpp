@@ -97,10 +97,21 @@ arena& arena::get() {
   return a;
 }
 
+namespace {
+// 2 MiB granularity keeps every buffer 64-byte aligned and page aligned.
+constexpr size_t kGranule = size_t{2} << 20;
+size_t stride_bytes_for(size_t max_tensor_bytes) {
+  return (max_tensor_bytes + kGranule - 1) / kGranule * kGranule;
+}
+}  // namespace
+
+size_t arena::copy_span_bytes(size_t max_tensor_bytes) {
+  return 2 * stride_bytes_for(max_tensor_bytes);
+}
+
 void arena::allocate(size_t max_tensor_bytes) {
-  // 2 MiB granularity keeps every buffer 64-byte aligned and page aligned.
-  const size_t granule = size_t{2} << 20;
-  const size_t stride_bytes = (max_tensor_bytes + granule - 1) / granule * granule;
+  const size_t granule = kGranule;
+  const size_t stride_bytes = stride_bytes_for(max_tensor_bytes);
   // x | dy | y | spare: the copy destination (1.5x) runs from y into spare.
   const size_t total = 4 * stride_bytes;
   base_ = static_cast<float*>(std::aligned_alloc(granule, total));
@@ -187,8 +198,7 @@ void measure(benchmark::State& state, op_kind kind, const problem& p,
   using clock = std::chrono::steady_clock;
   const arena& a = arena::get();
   const size_t traffic = traffic_bytes(kind, p.bytes());
-  const double copy_s =
-      best_nt_copy_seconds(a.copy_dst(), a.copy_src(), copy_bytes(kind, p.bytes()));
+  const double copy_s = nt_copy_seconds(a.copy_dst(), a.copy_src(), copy_bytes(kind, p.bytes()));
 
   run_result r = call();
   if (!r.ok) {

@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "nt_copy.h"
+#include "memory_reference.h"
 
 namespace bnorm_bench {
 
@@ -62,6 +62,8 @@ class arena {
   // first get() after it, so listing or filtering rows stays instant.
   static void set_capacity(size_t max_tensor_bytes);
   static arena& get();
+  // Bytes the copy source and destination each span for that capacity.
+  static size_t copy_span_bytes(size_t max_tensor_bytes);
   float* x() const { return base_; }
   float* dy() const { return base_ + stride_; }
   float* y() const { return base_ + 2 * stride_; }
@@ -84,7 +86,8 @@ struct run_result {
 // Runs one row: one untimed call (JIT, page faults of outputs, thread pool),
 // then `call` once per iteration, each timed on its own (manual time). Sets the
 // counters GB/s (tensor traffic / mean time), copy_GB/s (the same traffic /
-// best non-temporal copy time), copy_ratio (mean time / copy time),
+// the time of nt_copy_seconds, taken just before), copy_ratio (mean time /
+// copy time),
 // best_ratio (best iteration / copy time) and others_cpu (others_cpu_meter
 // over the timed iterations).
 void measure(benchmark::State& state, op_kind kind, const problem& p,
