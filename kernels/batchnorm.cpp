@@ -50,10 +50,13 @@ bnorm_status succeed() {
 // NCHW chunks hold at most this many values of one channel (16 KiB, a third
 // of a 48 KiB L1d: the moments kernel's second pass then reads L1).
 constexpr int64_t kChunkValues = 4096;
-// NHWC chunks are this many whole rows: the moments kernel's second pass
-// reads them again from L2 (64 rows of 2048 channels are 512 KiB), and every
-// channel gets a new partial result, merged in double, each 64 values.
-constexpr int64_t kChunkRows = 64;
+// NHWC chunks are whole rows, about this many values (256 KiB): the moments
+// kernel's second pass reads them again from L2. Every chunk costs scalar
+// work per channel (its float sums to double, a merge), so chunks are as long
+// as that allows: 256 rows (the most values one float accumulator lane may
+// sum, docs/numerics.md) when C <= 256, down to 64 rows from C = 1024 on.
+constexpr int64_t kChunkValuesNhwc = 65536;
+constexpr int64_t kMinChunkRows = 64, kMaxChunkRows = 256;
 // At most this many slices per channel: enough parallelism for 64 threads on
 // a single channel, and scratch of at most kMaxSlices x C partial moments.
 constexpr int64_t kMaxSlices = 64;
@@ -66,7 +69,7 @@ struct plan {
   int64_t count;      // values per channel: n * spatial
   int64_t rows;       // NHWC: n * spatial rows of c; NCHW: n rows of spatial per channel
   int64_t stride;     // floats between rows: c (NHWC) or c * spatial (NCHW)
-  int64_t row_chunk;  // NCHW: whole rows per chunk, or 0 when rows are cut into pieces
+  int64_t row_chunk;  // whole rows per chunk (NCHW: 0 when rows are cut into pieces)
   int64_t pieces;     // NCHW: chunks per row when rows are cut
   int64_t chunks;     // chunks per channel (NCHW) or per column block (NHWC)
   int64_t slices;
@@ -87,7 +90,9 @@ plan make_plan(const bnorm_shape& s) {
   if (p.nhwc) {
     p.rows = p.count;
     p.stride = s.c;
-    p.chunks = (p.rows + kChunkRows - 1) / kChunkRows;
+    p.row_chunk = kMaxChunkRows;
+    while (p.row_chunk > kMinChunkRows && s.c > kChunkValuesNhwc / p.row_chunk) p.row_chunk /= 2;
+    p.chunks = (p.rows + p.row_chunk - 1) / p.row_chunk;
   } else {
     p.rows = s.n;
     p.stride = s.c * s.spatial;
@@ -118,7 +123,7 @@ int64_t nchw_chunk(const plan& p, int64_t k, region* r) {
   return row * p.stride + col;
 }
 
-// Asks for n floats from p to be brought into L2 (see prefetch_chunk).
+// Asks for n floats from p to be brought into L2 (see fused_block).
 void prefetch_floats(const float* p, int64_t n) {
   const char* bytes = reinterpret_cast<const char*>(p);
   for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(float)); b += 64)
@@ -127,8 +132,8 @@ void prefetch_floats(const float* p, int64_t n) {
 
 // Chunk k of an NHWC tensor: whole rows.
 int64_t nhwc_chunk(const plan& p, int64_t k, region* r) {
-  const int64_t row = k * kChunkRows;
-  *r = {std::min(kChunkRows, p.rows - row), p.c, p.stride};
+  const int64_t row = k * p.row_chunk;
+  *r = {std::min(p.row_chunk, p.rows - row), p.c, p.stride};
   return row * p.stride;
 }
 
@@ -143,20 +148,26 @@ slice_range nhwc_share(const plan& p, int t, int nt) {
   return {p.slices * t / nt, p.slices * (t + 1) / nt};
 }
 
-// The last-level cache size the machine reports: Linux's sysfs first (what
-// lscpu shows), then glibc's sysconf. sysfs wins because glibc derives the
-// size from CPUID leaves that some hypervisors fill oddly (on this project's
-// KVM machines sysconf says 320 MiB for a 32 MiB L3).
-int64_t sysfs_cache_bytes() {
+// The cache sizes the machine reports: Linux's sysfs first (what lscpu
+// shows), then glibc's sysconf. sysfs wins because glibc derives the sizes
+// from CPUID leaves that some hypervisors fill oddly (on this project's KVM
+// machines sysconf says 320 MiB for a 32 MiB L3). level 0: the largest.
+int64_t sysfs_cache_bytes(int level) {
   int64_t best = 0;
   for (int index = 0; index < 8; ++index) {
     char path[80];
-    std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
+    std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/level", index);
     std::FILE* f = std::fopen(path, "r");
+    if (!f) break;
+    int this_level = 0;
+    const bool ok = std::fscanf(f, "%d", &this_level) == 1;
+    std::fclose(f);
+    std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
+    f = std::fopen(path, "r");
     if (!f) break;
     long long value = 0;
     char unit = 0;
-    if (std::fscanf(f, "%lld%c", &value, &unit) >= 1) {
+    if (ok && (level == 0 || level == this_level) && std::fscanf(f, "%lld%c", &value, &unit) >= 1) {
       const int64_t bytes = value * (unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : 1);
       best = std::max(best, bytes);
     }
@@ -165,12 +176,24 @@ int64_t sysfs_cache_bytes() {
   return best;
 }
 
+// The last-level cache.
 int64_t cache_bytes() {
   static const int64_t bytes = [] {
-    const int64_t sysfs = sysfs_cache_bytes();
+    const int64_t sysfs = sysfs_cache_bytes(0);
     if (sysfs > 0) return sysfs;
     const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE), l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
     return static_cast<int64_t>(l3 > 0 ? l3 : l2 > 0 ? l2 : 1 << 20);
+  }();
+  return bytes;
+}
+
+// One core's L2.
+int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    const int64_t sysfs = sysfs_cache_bytes(2);
+    if (sysfs > 0) return sysfs;
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return static_cast<int64_t>(l2 > 0 ? l2 : 256 * 1024);
   }();
   return bytes;
 }
@@ -284,10 +307,18 @@ void nhwc_slice_moments(const kernel_table& k, const plan& p, const float* x, in
 // Elementwise passes, shared by training, inference and backward: `item`
 // numbers NCHW (channel, chunk) pairs or NHWC chunks (all column blocks).
 
-// NCHW items run channel-fastest, which for whole-row chunks is memory
-// order: consecutive items are adjacent rows, one long stream per thread.
-int64_t elementwise_items(const plan& p) { return p.nhwc ? p.chunks : p.c * p.chunks; }
-int64_t nchw_item(const plan& p, int64_t c, int64_t chunk) { return chunk * p.c + c; }
+// NCHW passes take runs of this many consecutive values (64 KiB) in memory
+// order, whatever the channels and rows they cross: one stream per thread.
+constexpr int64_t kRunValues = 16384;
+
+int64_t elementwise_items(const plan& p) {
+  return p.nhwc ? p.chunks : (p.rows * p.stride + kRunValues - 1) / kRunValues;
+}
+
+// The NCHW run of `count` values from index `at`.
+flat_run run_at(const plan& p, int64_t at, int64_t count) {
+  return {at / p.spatial, at % p.spatial, count, p.spatial, p.c};
+}
 
 struct normalize_args {
   const float* x;
@@ -300,6 +331,13 @@ struct normalize_args {
   bool stream;    // non-temporal stores
 };
 
+// NCHW: the `count` values from index `at`.
+void normalize_run(const kernel_table& k, const plan& p, const normalize_args& a, int64_t at,
+                   int64_t count) {
+  k.normalize_nchw(a.x + at, a.y + at, run_at(p, at, count), a.mean, a.scale, a.shift,
+                   {a.relu, a.mask, at}, a.stream);
+}
+
 void normalize_item(const kernel_table& k, const plan& p, const normalize_args& a, int64_t item) {
   if (p.nhwc) {
     region r;
@@ -308,11 +346,8 @@ void normalize_item(const kernel_table& k, const plan& p, const normalize_args& 
                      a.stream);
     return;
   }
-  const int64_t c = item % p.c;
-  region r;
-  const int64_t at = c * p.spatial + nchw_chunk(p, item / p.c, &r);
-  k.normalize_nchw(a.x + at, a.y + at, r, a.mean[c], a.scale[c], a.shift[c],
-                   {a.relu, a.mask, at}, a.stream);
+  const int64_t at = item * kRunValues;
+  normalize_run(k, p, a, at, std::min(kRunValues, p.rows * p.stride - at));
 }
 
 struct apply_args {
@@ -327,6 +362,12 @@ struct apply_args {
   bool stream;
 };
 
+void apply_run(const kernel_table& k, const plan& p, const apply_args& a, int64_t at,
+               int64_t count) {
+  k.backward_apply_nchw(a.x ? a.x + at : nullptr, a.dy + at, a.dx + at, run_at(p, at, count),
+                        a.mean, a.a, a.b, a.c, {a.mask, at}, a.stream);
+}
+
 void apply_item(const kernel_table& k, const plan& p, const apply_args& a, int64_t item) {
   if (p.nhwc) {
     region r;
@@ -335,11 +376,8 @@ void apply_item(const kernel_table& k, const plan& p, const apply_args& a, int64
                           a.c, {a.mask, at}, a.stream);
     return;
   }
-  const int64_t ch = item % p.c;
-  region r;
-  const int64_t at = ch * p.spatial + nchw_chunk(p, item / p.c, &r);
-  k.backward_apply_nchw(a.x ? a.x + at : nullptr, a.dy + at, a.dx + at, r, a.mean[ch], a.a[ch],
-                        a.b[ch], a.c[ch], {a.mask, at}, a.stream);
+  const int64_t at = item * kRunValues;
+  apply_run(k, p, a, at, std::min(kRunValues, p.rows * p.stride - at));
 }
 
 // ---------------------------------------------------------------------------
@@ -543,24 +581,39 @@ void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, i
   elementwise_phase(p, nt, [&](int64_t i) { apply_item(k, p, args, i); });
 }
 
-// Asks for chunk k of an NCHW channel to be brought into L2. The by-channel
-// loops call it for the next channel while they normalize this one from
-// cache: the memory bus would otherwise idle while the core works on cached
-// data, and then stall on the next channel's first rows.
-void prefetch_chunk(const plan& p, const float* channel, int64_t k) {
-  region r;
-  const int64_t at = nchw_chunk(p, k, &r);
-  for (int64_t i = 0; i < r.rows; ++i) {
-    const char* row = reinterpret_cast<const char*>(channel + at + i * r.stride);
-    for (int64_t b = 0; b < r.cols * static_cast<int64_t>(sizeof(float)); b += 64)
-      __builtin_prefetch(row + b, 0, 2);
-  }
+// NCHW with enough channels: each thread takes blocks of whole channels and
+// runs both passes on one block while it is still in cache: the reduction
+// channel by channel, then the elementwise pass image by image (each
+// image's part of a block is one run), asking for the next block's part of
+// the same image to be brought into L2 meanwhile, so that the memory bus
+// does not idle while the core works on cached data. The arithmetic is the
+// same as the phases', so the results are bitwise the same.
+//
+// Blocks hold as many channels as fit, with `arrays` tensors, in a quarter
+// of L2 (the next block is arriving meanwhile), and every thread gets at
+// least four blocks. Returns 0 (use the phases) when there are too few
+// channels, or when an image's part of a block would be shorter than
+// kMinRunBytes: short runs cost their fixed overhead and split cache lines
+// at both ends, and measured slower than the two phases (7x7 and, at large
+// batches, 14x14 ResNet-50 layers; docs/performance.md).
+constexpr int64_t kMinRunBytes = 2048;
+
+int64_t fused_block(const plan& p, int nt, int arrays) {
+  if (p.nhwc || (nt > 1 && p.c < 4 * nt)) return 0;
+  const int64_t per_channel = p.count * static_cast<int64_t>(sizeof(float)) * arrays;
+  const int64_t fit = std::max<int64_t>(1, l2_bytes() / 4 / per_channel);
+  const int64_t block = std::min(fit, std::max<int64_t>(1, p.c / (4 * nt)));
+  const bool long_runs = block * p.spatial * static_cast<int64_t>(sizeof(float)) >= kMinRunBytes;
+  return long_runs ? block : 0;
 }
 
-// NCHW with enough channels: each thread takes whole channels and runs both
-// passes on one channel while it is still in cache. The arithmetic is the
-// same as the phases', so the results are bitwise the same.
-bool by_channel(const plan& p, int nt) { return !p.nhwc && (nt == 1 || p.c >= 4 * nt); }
+// Image n's part of the channels [c0, c1): its first index and its length.
+struct block_part {
+  int64_t at, count;
+};
+block_part image_part(const plan& p, int64_t n, int64_t c0, int64_t c1) {
+  return {n * p.stride + c0 * p.spatial, (c1 - c0) * p.spatial};
+}
 
 // ---------------------------------------------------------------------------
 // Argument checks.
@@ -722,7 +775,8 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   const plan p = make_plan(*shape);
   const kernel_table& k = kernels();
   const int nt = threads_for(2 * total * static_cast<int64_t>(sizeof(float)));
-  if (!by_channel(p, nt)) {
+  const int64_t block = fused_block(p, nt, 1);
+  if (block == 0) {
     // moments -> merge -> normalize, exactly as the split-phase API.
     auto channel = allocate<partial>(p.c);
     auto coef = allocate<float>(2 * p.c);
@@ -739,18 +793,26 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   float* shift = coef.get() + p.c;
   const normalize_args args{x,    y,         mean, scale,
                             shift, relu, relu_mask, stream_for(2 * total * static_cast<int64_t>(sizeof(float)))};
+  const int64_t blocks = (p.c + block - 1) / block;
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t c = 0; c < p.c; ++c) {
-    partial acc{{0, 0}, 0};
-    for (int64_t s = 0; s < p.slices; ++s) {
-      const partial part = nchw_slice_moments(k, p, x + c * p.spatial, s);
-      merge(acc, part.m, part.n);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
+    for (int64_t c = c0; c < c1; ++c) {
+      partial acc{{0, 0}, 0};
+      for (int64_t s = 0; s < p.slices; ++s) {
+        const partial part = nchw_slice_moments(k, p, x + c * p.spatial, s);
+        merge(acc, part.m, part.n);
+      }
+      finish_moments(acc, &mean[c], &var[c]);
+      scale_shift(gamma, beta, var[c], eps, c, scale, shift);
     }
-    finish_moments(acc, &mean[c], &var[c]);
-    scale_shift(gamma, beta, var[c], eps, c, scale, shift);
-    for (int64_t ch = 0; ch < p.chunks; ++ch) {
-      if (c + 1 < p.c) prefetch_chunk(p, x + (c + 1) * p.spatial, ch);
-      normalize_item(k, p, args, nchw_item(p, c, ch));
+    for (int64_t n = 0; n < p.rows; ++n) {
+      if (c1 < p.c) {
+        const block_part next = image_part(p, n, c1, std::min(p.c, c1 + block));
+        prefetch_floats(x + next.at, next.count);
+      }
+      const block_part part = image_part(p, n, c0, c1);
+      normalize_run(k, p, args, part.at, part.count);
     }
   }
   return succeed();
@@ -950,7 +1012,8 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   auto coef = allocate<float>(3 * p.c);
   if (!channel || !coef) return out_of_memory(fn, p.c);
 
-  if (!by_channel(p, nt) || total == 0) {
+  const int64_t block = total == 0 ? 0 : fused_block(p, nt, 2);
+  if (block == 0) {
     // reduce -> apply, exactly as the split-phase API.
     if (!need_sums) {
       for (int64_t c = 0; c < p.c; ++c) channel[c] = {0, 0};
@@ -973,24 +1036,30 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   const apply_args args{global ? nullptr : x, dy,   dx,
                         mean,                 coefficients.a, coefficients.b,
                         coefficients.c,       mask, stream_for(3 * total * static_cast<int64_t>(sizeof(float)))};
+  const int64_t blocks = (p.c + block - 1) / block;
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t c = 0; c < p.c; ++c) {
-    sums acc{0, 0};
-    for (int64_t s = 0; need_sums && s < p.slices; ++s) {
-      const sums part = nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s);
-      acc.dy += part.dy;
-      acc.dy_xmu += part.dy_xmu;
-    }
-    acc = to_xhat(acc, var[c], eps);
-    if (dgamma) dgamma[c] = static_cast<float>(acc.dy_xmu);
-    if (dbeta) dbeta[c] = static_cast<float>(acc.dy);
-    coefficients(c, acc);
-    for (int64_t ch = 0; ch < p.chunks; ++ch) {
-      if (c + 1 < p.c) {
-        prefetch_chunk(p, x + (c + 1) * p.spatial, ch);
-        prefetch_chunk(p, dy + (c + 1) * p.spatial, ch);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
+    for (int64_t c = c0; c < c1; ++c) {
+      sums acc{0, 0};
+      for (int64_t s = 0; need_sums && s < p.slices; ++s) {
+        const sums part = nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s);
+        acc.dy += part.dy;
+        acc.dy_xmu += part.dy_xmu;
       }
-      apply_item(k, p, args, nchw_item(p, c, ch));
+      acc = to_xhat(acc, var[c], eps);
+      if (dgamma) dgamma[c] = static_cast<float>(acc.dy_xmu);
+      if (dbeta) dbeta[c] = static_cast<float>(acc.dy);
+      coefficients(c, acc);
+    }
+    for (int64_t n = 0; n < p.rows; ++n) {
+      if (c1 < p.c) {
+        const block_part next = image_part(p, n, c1, std::min(p.c, c1 + block));
+        prefetch_floats(x + next.at, next.count);
+        prefetch_floats(dy + next.at, next.count);
+      }
+      const block_part part = image_part(p, n, c0, c1);
+      apply_run(k, p, args, part.at, part.count);
     }
   }
   return succeed();

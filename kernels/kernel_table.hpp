@@ -25,6 +25,19 @@ struct region {
   int64_t stride;
 };
 
+// A run of consecutive NCHW values in memory order, which may cross rows and
+// channels: `count` values from column `col` of row `row`, where row
+// n * channels + c holds the `spatial` values of image n, channel c. The
+// elementwise NCHW kernels take runs, so that they stream through memory
+// whatever the spatial size (7x7 rows are 196 bytes).
+struct flat_run {
+  int64_t row;
+  int64_t col;
+  int64_t count;
+  int64_t spatial;
+  int64_t channels;
+};
+
 // The fused-ReLU bit mask and the memory index (in elements, from the start
 // of the tensor) of the region's first element: bit i%8 of byte i/8 belongs
 // to the element at index i.
@@ -49,9 +62,10 @@ struct kernel_table {
 
   // y = (x - mean) * scale + shift, then max(y, 0) and mask bits if ReLU.
   // stream: non-temporal stores where y is vector-aligned (the elementwise
-  // kernels give the same bits either way).
-  void (*normalize_nchw)(const float* x, float* y, region r, float mean, float scale,
-                         float shift, relu_bits relu, bool stream);
+  // kernels give the same bits either way). NCHW: x and y point at the run's
+  // first value; mean, scale and shift are indexed by channel.
+  void (*normalize_nchw)(const float* x, float* y, flat_run f, const float* mean,
+                         const float* scale, const float* shift, relu_bits relu, bool stream);
   void (*normalize_nhwc)(const float* x, float* y, region r, const float* mean,
                          const float* scale, const float* shift, relu_bits relu, bool stream);
 
@@ -63,8 +77,9 @@ struct kernel_table {
                                relu_bits_in relu, double* sum_dy, double* sum_dy_xmu, float* work);
 
   // dx = a * dy + ((x - mean) * b + c); x == nullptr means b = c = 0 (x unused).
-  void (*backward_apply_nchw)(const float* x, const float* dy, float* dx, region r, float mean,
-                              float a, float b, float c, relu_bits_in relu, bool stream);
+  void (*backward_apply_nchw)(const float* x, const float* dy, float* dx, flat_run f,
+                              const float* mean, const float* a, const float* b, const float* c,
+                              relu_bits_in relu, bool stream);
   void (*backward_apply_nhwc)(const float* x, const float* dy, float* dx, region r,
                               const float* mean, const float* a, const float* b, const float* c,
                               relu_bits_in relu, bool stream);

@@ -219,53 +219,112 @@ int64_t head_to_align(const float* y, int64_t cols) {
   return std::min(head, cols);
 }
 
-// The row loop, compiled once per (ReLU, streaming) pair so that the
-// vector loop tests neither.
-template <class A, bool Relu, bool Stream>
-void normalize_nchw_rows(const float* x, float* y, region r, float mean, float scale, float shift,
-                         relu_bits relu_out) {
+// NCHW elementwise kernels walk a flat_run in memory order, a vector at a
+// time. Most vectors lie within one row and take one channel's coefficients
+// as broadcasts; a vector that crosses into the next row(s) takes, lane by
+// lane, the coefficients of the channel each lane belongs to. Every element
+// gets the same operations whichever lane it is in, so results do not
+// depend on where a run starts.
+template <class A, int K>
+class channel_walker {
   using V = simd::vfloat<A>;
-  constexpr int64_t W = V::size;
-  const V vm(mean), vs(scale), vb(shift);
-  auto compute = [&](V v) {
-    const V out = madd(v - vm, vs, vb);
-    if constexpr (Relu) return relu_vec<A>(out);
-    return out;
-  };
-  for (int64_t i = 0; i < r.rows; ++i) {
-    const float* xr = x + i * r.stride;
-    float* yr = y + i * r.stride;
-    bit_writer bits(Relu ? relu_out.bits : nullptr, relu_out.index + i * r.stride);
-    int64_t j = Stream ? head_to_align<A>(yr, r.cols) : 0;
-    if (Stream && j > 0) {  // up to the first aligned vector; j < W
-      const V v = compute(simd::load_first<A>(xr, j));
-      if (Relu) bits.push(to_bits<A>(v > V(0.f)) & ((1u << j) - 1u), static_cast<unsigned>(j));
-      simd::store_first<A>(yr, v, j);
-    }
-    for (; j + W <= r.cols; j += W) {
-      const V v = compute(V::load_unaligned(xr + j));
-      if (Relu) bits.push(to_bits<A>(v > V(0.f)), W);
-      simd::store<A>(yr + j, v, Stream);
-    }
-    if (j < r.cols) {
-      const int64_t n = r.cols - j;
-      const V v = compute(simd::load_first<A>(xr + j, n));
-      if (Relu) bits.push(to_bits<A>(v > V(0.f)) & ((1u << n) - 1u), static_cast<unsigned>(n));
-      simd::store_first<A>(yr + j, v, n);
-    }
-    bits.finish();
+
+ public:
+  // coef[k][c]: coefficient k of channel c.
+  channel_walker(const float* const* coef, flat_run f)
+      : coef_(coef), col_(f.col), channel_(f.row % f.channels), spatial_(f.spatial),
+        channels_(f.channels) {
+    load();
   }
+
+  // The coefficients of the next n <= W lanes; then moves past them.
+  void next(int64_t n, V* out) {
+    for (int k = 0; k < K; ++k) out[k] = current_[k];
+    int64_t c = channel_;
+    for (int64_t lane = spatial_ - col_; lane < n; lane += spatial_) {
+      c = c + 1 == channels_ ? 0 : c + 1;
+      const auto later = iota() >= V(static_cast<float>(lane));
+      for (int k = 0; k < K; ++k) out[k] = xsimd::select(later, V(coef_[k][c]), out[k]);
+    }
+    col_ += n;
+    if (col_ >= spatial_) {
+      do {  // once when rows are at least a vector long
+        col_ -= spatial_;
+        channel_ = channel_ + 1 == channels_ ? 0 : channel_ + 1;
+      } while (col_ >= spatial_);
+      load();
+    }
+  }
+
+ private:
+  static V iota() {
+    alignas(64) static const float lanes[16] = {0, 1, 2,  3,  4,  5,  6,  7,
+                                                 8, 9, 10, 11, 12, 13, 14, 15};
+    return V::load_aligned(lanes);
+  }
+  void load() {
+    for (int k = 0; k < K; ++k) current_[k] = V(coef_[k][channel_]);
+  }
+
+  const float* const* coef_;
+  int64_t col_, channel_, spatial_, channels_;
+  V current_[K];
+};
+
+// Calls step(j, n) for the run's values [j, j + n), n <= W, in order: full
+// vectors, with a shorter first step when streaming so that the full
+// vectors' stores are aligned, and a shorter last one.
+template <class A, class Step>
+void walk_vectors(const float* out, int64_t count, bool stream, Step step) {
+  constexpr int64_t W = simd::vfloat<A>::size;
+  int64_t j = stream ? head_to_align<A>(out, count) : 0;
+  if (j > 0) step(0, j);
+  for (; j + W <= count; j += W) step(j, W);
+  if (j < count) step(j, count - j);
+}
+
+template <class A>
+inline simd::vfloat<A> load_n(const float* p, int64_t n) {
+  return n == simd::vfloat<A>::size ? simd::vfloat<A>::load_unaligned(p)
+                                    : simd::load_first<A>(p, n);
+}
+
+template <class A>
+inline void store_n(float* p, simd::vfloat<A> v, int64_t n, bool stream) {
+  if (n == simd::vfloat<A>::size)
+    simd::store<A>(p, v, stream);
+  else
+    simd::store_first<A>(p, v, n);
+}
+
+// Compiled once per (ReLU, streaming) pair so that the loop tests neither.
+template <class A, bool Relu, bool Stream>
+void normalize_run(const float* x, float* y, flat_run f, const float* mean, const float* scale,
+                   const float* shift, relu_bits relu_out) {
+  using V = simd::vfloat<A>;
+  const float* const coef[3] = {mean, scale, shift};
+  channel_walker<A, 3> walk(coef, f);
+  bit_writer bits(Relu ? relu_out.bits : nullptr, relu_out.index);
+  walk_vectors<A>(y, f.count, Stream, [&](int64_t j, int64_t n) {
+    V k[3];
+    walk.next(n, k);
+    V v = madd(load_n<A>(x + j, n) - k[0], k[1], k[2]);
+    if constexpr (Relu) {
+      v = relu_vec<A>(v);
+      bits.push(to_bits<A>(v > V(0.f)) & ((1u << n) - 1u), static_cast<unsigned>(n));
+    }
+    store_n<A>(y + j, v, n, Stream);
+  });
+  bits.finish();
   if (Stream) _mm_sfence();
 }
 
 template <class A>
-void normalize_nchw(const float* x, float* y, region r, float mean, float scale, float shift,
-                    relu_bits relu_out, bool stream) {
-  auto rows = relu_out.relu ? (stream ? normalize_nchw_rows<A, true, true>
-                                      : normalize_nchw_rows<A, true, false>)
-                            : (stream ? normalize_nchw_rows<A, false, true>
-                                      : normalize_nchw_rows<A, false, false>);
-  rows(x, y, r, mean, scale, shift, relu_out);
+void normalize_nchw(const float* x, float* y, flat_run f, const float* mean, const float* scale,
+                    const float* shift, relu_bits relu_out, bool stream) {
+  auto run = relu_out.relu ? (stream ? normalize_run<A, true, true> : normalize_run<A, true, false>)
+                           : (stream ? normalize_run<A, false, true> : normalize_run<A, false, false>);
+  run(x, y, f, mean, scale, shift, relu_out);
 }
 
 // NHWC rows are normalized whole, in memory order: one stream in, one out;
@@ -432,25 +491,19 @@ void backward_reduce_nhwc(const float* x, const float* dy, region r, const float
 
 
 template <class A>
-void backward_apply_nchw(const float* x, const float* dy, float* dx, region r, float mean,
-                         float a, float b, float c, relu_bits_in relu_in, bool stream) {
+void backward_apply_nchw(const float* x, const float* dy, float* dx, flat_run f,
+                         const float* mean, const float* a, const float* b, const float* c,
+                         relu_bits_in relu_in, bool stream) {
   using V = simd::vfloat<A>;
-  constexpr int64_t W = V::size;
-  const V vm(mean), va(a), vb(b), vc(c), zero(0.f);
-  // n lanes of dx from position j of row `at` (n == W: a full vector).
-  auto compute = [&](int64_t at, int64_t j, int64_t n) {
-    const V g = load_dy<A>(dy + at + j, n, relu_in, relu_in.index + at + j);
-    if (!x) return va * g;
-    const V xv = n == W ? V::load_unaligned(x + at + j) : simd::load_first<A>(x + at + j, n);
-    return madd(va, g, madd(xv - vm, vb, vc));
-  };
-  for (int64_t i = 0; i < r.rows; ++i) {
-    const int64_t at = i * r.stride;
-    int64_t j = stream ? head_to_align<A>(dx + at, r.cols) : 0;
-    if (j > 0) simd::store_first<A>(dx + at, compute(at, 0, j), j);
-    for (; j + W <= r.cols; j += W) simd::store<A>(dx + at + j, compute(at, j, W), stream);
-    if (j < r.cols) simd::store_first<A>(dx + at + j, compute(at, j, r.cols - j), r.cols - j);
-  }
+  const float* const coef[4] = {mean, a, b, c};
+  channel_walker<A, 4> walk(coef, f);
+  walk_vectors<A>(dx, f.count, stream, [&](int64_t j, int64_t n) {
+    V k[4];
+    walk.next(n, k);
+    const V g = load_dy<A>(dy + j, n, relu_in, relu_in.index + j);
+    const V out = x ? madd(k[1], g, madd(load_n<A>(x + j, n) - k[0], k[2], k[3])) : k[1] * g;
+    store_n<A>(dx + j, out, n, stream);
+  });
   if (stream) _mm_sfence();
 }
 
