@@ -284,9 +284,12 @@ partial nchw_slice_moments(const kernel_table& k, const plan& p, const float* ch
 }
 
 // NHWC: the moments of slice `slice` of every channel, into acc[0, c).
-// chunk: c moments, work: 4c floats of scratch.
+// chunk: c moments, shift: c floats of scratch. Each chunk after the first
+// of the slice is reduced around the previous chunk's means (a single pass
+// when they are close, see moments_nhwc): the shift depends only on the
+// slice's chunks, so results stay independent of the thread count.
 void nhwc_slice_moments(const kernel_table& k, const plan& p, const float* x, int64_t slice,
-                        partial* acc, moments* chunk, float* work) {
+                        partial* acc, moments* chunk, float* shift) {
   for (int64_t j = 0; j < p.c; ++j) acc[j] = {{0, 0}, 0};
   for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch) {
     region r;
@@ -298,8 +301,9 @@ void nhwc_slice_moments(const kernel_table& k, const plan& p, const float* x, in
       const int64_t next_at = nhwc_chunk(p, ch + 1, &next);
       prefetch_floats(x + next_at, next.rows * p.c);
     }
-    k.moments_nhwc(x + at, r, chunk, work);
+    k.moments_nhwc(x + at, r, ch == slice_begin(p, slice) ? nullptr : shift, chunk);
     merge_same_count(acc, chunk, p.c, static_cast<double>(r.rows));
+    for (int64_t j = 0; j < p.c; ++j) shift[j] = static_cast<float>(chunk[j].mean);
   }
 }
 
@@ -403,10 +407,10 @@ sums nchw_slice_sums(const kernel_table& k, const plan& p, const float* x, const
   return acc;
 }
 
-// chunk: 2c doubles, work: 2c floats of scratch.
+// chunk: 2c doubles of scratch.
 void nhwc_slice_sums(const kernel_table& k, const plan& p, const float* x, const float* dy,
                      const float* mean, const uint8_t* mask, int64_t slice, sums* acc,
-                     double* chunk, float* work) {
+                     double* chunk) {
   for (int64_t j = 0; j < p.c; ++j) acc[j] = {0, 0};
   for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch) {
     region r;
@@ -417,7 +421,7 @@ void nhwc_slice_sums(const kernel_table& k, const plan& p, const float* x, const
       prefetch_floats(x + next_at, next.rows * p.c);
       prefetch_floats(dy + next_at, next.rows * p.c);
     }
-    k.backward_reduce_nhwc(x + at, dy + at, r, mean, {mask, at}, chunk, chunk + p.c, work);
+    k.backward_reduce_nhwc(x + at, dy + at, r, mean, {mask, at}, chunk, chunk + p.c);
     for (int64_t j = 0; j < p.c; ++j) {
       acc[j].dy += chunk[j];
       acc[j].dy_xmu += chunk[p.c + j];
@@ -470,8 +474,8 @@ std::unique_ptr<T[]> allocate(int64_t n) {
   return std::unique_ptr<T[]>(new (std::nothrow) T[static_cast<size_t>(n)]);
 }
 
-// Per-thread NHWC scratch: a chunk's per-channel results and the kernel's
-// work space.
+// Per-thread NHWC scratch: a chunk's per-channel results and per-channel
+// floats of work space (the moments' shifts).
 struct nhwc_scratch {
   std::unique_ptr<unsigned char[]> bytes;
   int64_t result_bytes = 0, per_thread = 0;
@@ -496,7 +500,7 @@ struct nhwc_scratch {
 bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt, partial* out) {
   auto part = allocate<partial>(p.slices * p.c);
   nhwc_scratch scratch;
-  if (!part || !scratch.allocate_for(p, nt, sizeof(moments), 4)) return false;
+  if (!part || !scratch.allocate_for(p, nt, sizeof(moments), 1)) return false;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num();
@@ -526,7 +530,7 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
                 const float* mean, const uint8_t* mask, int nt, sums* out) {
   auto part = allocate<sums>(p.slices * p.c);
   nhwc_scratch scratch;
-  if (!part || !scratch.allocate_for(p, nt, 2 * sizeof(double), 2)) return false;
+  if (!part || !scratch.allocate_for(p, nt, 2 * sizeof(double), 0)) return false;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num();
@@ -534,7 +538,7 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
       const slice_range r = nhwc_share(p, t, omp_get_num_threads());
       for (int64_t s = r.begin; s < r.end; ++s)
         nhwc_slice_sums(k, p, x, dy, mean, mask, s, part.get() + s * p.c,
-                        scratch.result<double>(t), scratch.work(t));
+                        scratch.result<double>(t));
 #pragma omp barrier
     } else {
 #pragma omp for schedule(static)

@@ -57,8 +57,10 @@ struct kernel_table {
 
   // NCHW: every value of the region belongs to one channel.
   moments (*moments_nchw)(const float* x, region r);
-  // NHWC: column j is channel j; out[j] for j < r.cols. work: 4 * r.cols floats.
-  void (*moments_nhwc)(const float* x, region r, moments* out, float* work);
+  // NHWC: column j is channel j; out[j] for j < r.cols. shift: nullptr, or
+  // r.cols values near the channels' means (the previous chunk's), which
+  // allow a single pass over the data (microkernels.hpp).
+  void (*moments_nhwc)(const float* x, region r, const float* shift, moments* out);
 
   // y = (x - mean) * scale + shift, then max(y, 0) and mask bits if ReLU.
   // stream: non-temporal stores where y is vector-aligned (the elementwise
@@ -72,9 +74,8 @@ struct kernel_table {
   // sum(dy) and sum(dy * (x - mean)), dy zeroed where the ReLU bit is clear.
   void (*backward_reduce_nchw)(const float* x, const float* dy, region r, float mean,
                                relu_bits_in relu, double* sum_dy, double* sum_dy_xmu);
-  // work: 2 * r.cols floats.
   void (*backward_reduce_nhwc)(const float* x, const float* dy, region r, const float* mean,
-                               relu_bits_in relu, double* sum_dy, double* sum_dy_xmu, float* work);
+                               relu_bits_in relu, double* sum_dy, double* sum_dy_xmu);
 
   // dx = a * dy + ((x - mean) * b + c); x == nullptr means b = c = 0 (x unused).
   void (*backward_apply_nchw)(const float* x, const float* dy, float* dx, flat_run f,

@@ -125,10 +125,53 @@ moments moments_nchw(const float* x, region r) {
 // channels at a time with their accumulators in registers: each channel is
 // one vector lane (or, in the tail, the same operations in scalar), so its
 // result does not depend on which group it falls in. The region is a chunk
-// of whole rows; its 64 rows x C floats are in L2 (the operator prefetches
-// the next chunk), each group's second pass reads L1.
+// of whole rows; its rows x C floats are in L2 (the operator prefetches
+// the next chunk).
+//
+// With a shift per channel (the previous chunk's means), one pass first:
+// sums of d = x - shift and d^2 give mean = shift + sum(d)/n and
+// M2 = sum(d^2) - sum(d)^2/n. That is the two-pass result with the shift
+// for a provisional mean, and it is as accurate when the shift is close to
+// the mean: if sum(d)^2/n <= sum(d^2)/8 in every lane (the shift within
+// sigma/sqrt(7) of the chunk's mean), the correction is at most a seventh
+// of M2 and adds at most that fraction of the sums' own rounding error.
+// Otherwise the group is done again with the two passes from its first row.
+// A single pass keeps the core asking memory for data instead of
+// re-reading L1 while the bus idles.
 template <class A, int Q>
-void moments_columns(const float* x, region r, int64_t j0, moments* out) {
+bool moments_columns_shifted(const float* x, region r, int64_t j0, const float* shift,
+                             moments* out) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const V n(static_cast<float>(r.rows));
+  V k[Q], d1[Q], d2[Q];
+  for (int q = 0; q < Q; ++q) {
+    k[q] = V::load_unaligned(shift + j0 + q * W);
+    d1[q] = d2[q] = V(0.f);
+  }
+  for (int64_t i = 0; i < r.rows; ++i)
+    for (int q = 0; q < Q; ++q) {
+      const V d = V::load_unaligned(x + i * r.stride + j0 + q * W) - k[q];
+      d1[q] += d;
+      d2[q] = madd(d, d, d2[q]);
+    }
+  for (int q = 0; q < Q; ++q)
+    if (!xsimd::all(V(8.f) * (d1[q] * d1[q]) <= n * d2[q])) return false;
+  alignas(64) float s1[Q * W], s2[Q * W];
+  for (int q = 0; q < Q; ++q) {
+    d1[q].store_aligned(s1 + q * W);
+    d2[q].store_aligned(s2 + q * W);
+  }
+  const double count = static_cast<double>(r.rows);
+  for (int64_t j = 0; j < Q * W; ++j)
+    out[j0 + j] = {shift[j0 + j] + s1[j] / count,
+                   std::max(0.0, s2[j] - static_cast<double>(s1[j]) * s1[j] / count)};
+  return true;
+}
+
+template <class A, int Q>
+void moments_columns(const float* x, region r, int64_t j0, const float* shift, moments* out) {
+  if (shift && moments_columns_shifted<A, Q>(x, r, j0, shift, out)) return;
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const V n(static_cast<float>(r.rows));
@@ -164,11 +207,11 @@ void moments_columns(const float* x, region r, int64_t j0, moments* out) {
 }
 
 template <class A>
-void moments_nhwc(const float* x, region r, moments* out, float* /*work*/) {
+void moments_nhwc(const float* x, region r, const float* shift, moments* out) {
   constexpr int64_t W = simd::vfloat<A>::size;
   int64_t j = 0;
-  for (; j + 4 * W <= r.cols; j += 4 * W) moments_columns<A, 4>(x, r, j, out);
-  for (; j + W <= r.cols; j += W) moments_columns<A, 1>(x, r, j, out);
+  for (; j + 4 * W <= r.cols; j += 4 * W) moments_columns<A, 4>(x, r, j, shift, out);
+  for (; j + W <= r.cols; j += W) moments_columns<A, 1>(x, r, j, shift, out);
   // Tail channels: the same operations as one vector lane, in scalar.
   for (; j < r.cols; ++j) {
     const float x0 = x[j];
@@ -466,8 +509,7 @@ void backward_reduce_columns(const float* x, const float* dy, region r, int64_t 
 
 template <class A>
 void backward_reduce_nhwc(const float* x, const float* dy, region r, const float* mean,
-                          relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu,
-                          float* /*work*/) {
+                          relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu) {
   constexpr int64_t W = simd::vfloat<A>::size;
   int64_t j = 0;
   for (; j + 4 * W <= r.cols; j += 4 * W)
