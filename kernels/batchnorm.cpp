@@ -57,8 +57,11 @@ constexpr int64_t kChunkValues = 4096;
 // sum, docs/numerics.md) when C <= 256, down to 64 rows from C = 1024 on.
 constexpr int64_t kChunkValuesNhwc = 65536;
 constexpr int64_t kMinChunkRows = 64, kMaxChunkRows = 256;
-// At most this many slices per channel: enough parallelism for 64 threads on
-// a single channel, and scratch of at most kMaxSlices x C partial moments.
+// Slices: NHWC tensors are cut into at most kMaxSlices slices of rows (all
+// channels), NCHW channels into at most kMaxSlices / C slices each: enough
+// for 64 threads in both cases, and scratch of at most kMaxSlices x C partial
+// moments. Fewer slices mean longer ones, and every chunk of a slice but the
+// first is reduced in a single pass (see nchw_slice_moments).
 constexpr int64_t kMaxSlices = 64;
 // Below this many bytes per thread, another thread costs more than it saves.
 constexpr int64_t kBytesPerThread = 256 * 1024;
@@ -106,7 +109,8 @@ plan make_plan(const bnorm_shape& s) {
   }
   // At least one slice, even an empty one: no division by zero when a
   // tensor has no values (valid for inference and backward).
-  p.slices = std::max<int64_t>(1, std::min(p.chunks, kMaxSlices));
+  const int64_t most = p.nhwc ? kMaxSlices : (kMaxSlices + s.c - 1) / s.c;
+  p.slices = std::max<int64_t>(1, std::min(p.chunks, most));
   return p;
 }
 
@@ -271,14 +275,20 @@ void scale_shift(const float* gamma, const float* beta, float var, float eps, in
   shift[c] = beta ? beta[c] : 0.f;
 }
 
-// NCHW: the moments of slice `slice` of channel c.
+// NCHW: the moments of slice `slice` of channel c. Each chunk after the
+// first is reduced around the previous chunk's mean, in a single pass when
+// that is close to its own (moments_nchw); the shift depends only on the
+// slice's chunks, so results stay independent of the thread count.
 partial nchw_slice_moments(const kernel_table& k, const plan& p, const float* channel,
                            int64_t slice) {
   partial acc{{0, 0}, 0};
+  float shift = std::numeric_limits<float>::quiet_NaN();  // none for the first chunk
   for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch) {
     region r;
     const int64_t at = nchw_chunk(p, ch, &r);
-    merge(acc, k.moments_nchw(channel + at, r), static_cast<double>(r.rows * r.cols));
+    const moments m = k.moments_nchw(channel + at, r, shift);
+    merge(acc, m, static_cast<double>(r.rows * r.cols));
+    shift = static_cast<float>(m.mean);
   }
   return acc;
 }

@@ -55,8 +55,10 @@ struct relu_bits_in {
 struct kernel_table {
   const char* isa;
 
-  // NCHW: every value of the region belongs to one channel.
-  moments (*moments_nchw)(const float* x, region r);
+  // NCHW: every value of the region belongs to one channel. shift: NaN, or a
+  // value near the channel's mean (the previous chunk's), which allows a
+  // single pass over the data (microkernels.hpp).
+  moments (*moments_nchw)(const float* x, region r, float shift);
   // NHWC: column j is channel j; out[j] for j < r.cols. shift: nullptr, or
   // r.cols values near the channels' means (the previous chunk's), which
   // allow a single pass over the data (microkernels.hpp).

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "kernel_table.hpp"
 #include "simd.hpp"
@@ -60,8 +61,56 @@ moments moments_double(const float* x, region r) {
   return {mean, m2};
 }
 
+// With a shift (the previous chunk's mean; NaN: none), one pass first, as
+// for NHWC below (moments_columns_shifted, which explains the test); the two
+// passes only if the shift is too far from the chunk's mean.
 template <class A>
-moments moments_nchw(const float* x, region r) {
+bool moments_nchw_shifted(const float* x, region r, float shift, moments* out) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const int64_t tail = r.cols % W, body = r.cols - tail;
+  const V k(shift);
+  V d1[2] = {V(0.f), V(0.f)};
+  V d2[2] = {V(0.f), V(0.f)};
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const float* row = x + i * r.stride;
+    int64_t j = 0;
+    for (; j + 2 * W <= body; j += 2 * W) {
+      const V a = V::load_unaligned(row + j) - k;
+      const V b = V::load_unaligned(row + j + W) - k;
+      d1[0] += a;
+      d1[1] += b;
+      d2[0] = madd(a, a, d2[0]);
+      d2[1] = madd(b, b, d2[1]);
+    }
+    if (j < body) {
+      const V a = V::load_unaligned(row + j) - k;
+      d1[0] += a;
+      d2[0] = madd(a, a, d2[0]);
+      j += W;
+    }
+    if (tail) {
+      const V a = simd::keep_first<A>(simd::load_first<A>(row + j, tail) - k, tail);
+      d1[1] += a;
+      d2[1] = madd(a, a, d2[1]);
+    }
+  }
+  const float sum1 = xsimd::hadd(d1[0] + d1[1]);
+  const float sum2 = xsimd::hadd(d2[0] + d2[1]);
+  const double count = static_cast<double>(r.rows * r.cols);
+  // Finite sums (no inf or NaN in the data, no overflow) with the shift
+  // within sigma/sqrt(7) of the mean; false for NaN.
+  if (!(sum2 <= std::numeric_limits<float>::max() &&
+        8.0 * sum1 * sum1 <= count * static_cast<double>(sum2)))
+    return false;
+  *out = {shift + sum1 / count, std::max(0.0, sum2 - static_cast<double>(sum1) * sum1 / count)};
+  return true;
+}
+
+template <class A>
+moments moments_nchw(const float* x, region r, float shift) {
+  moments shifted;
+  if (!std::isnan(shift) && moments_nchw_shifted<A>(x, r, shift, &shifted)) return shifted;
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const double count = static_cast<double>(r.rows * r.cols);
@@ -155,8 +204,12 @@ bool moments_columns_shifted(const float* x, region r, int64_t j0, const float* 
       d1[q] += d;
       d2[q] = madd(d, d, d2[q]);
     }
+  // Finite sums (no inf or NaN in the data, no overflow) with the shift
+  // within sigma/sqrt(7) of the mean, in every lane; false for NaN.
+  const V largest(std::numeric_limits<float>::max());
   for (int q = 0; q < Q; ++q)
-    if (!xsimd::all(V(8.f) * (d1[q] * d1[q]) <= n * d2[q])) return false;
+    if (!xsimd::all(V(8.f) * (d1[q] * d1[q]) <= n * d2[q]) || !xsimd::all(d2[q] <= largest))
+      return false;
   alignas(64) float s1[Q * W], s2[Q * W];
   for (int q = 0; q < Q; ++q) {
     d1[q].store_aligned(s1 + q * W);
