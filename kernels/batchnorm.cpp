@@ -417,6 +417,65 @@ sums nchw_slice_sums(const kernel_table& k, const plan& p, const float* x, const
   return acc;
 }
 
+// NCHW channels of few values (one chunk of at most kGroupValues each, e.g.
+// 7x7 at small batches) are reduced `width` channels at a time, in the
+// groups [g * width, (g + 1) * width): one kernel call, one set of
+// horizontal sums and double arithmetic per group instead of per channel.
+bool grouped(const plan& p) { return !p.nhwc && p.chunks == 1 && p.count <= kGroupValues; }
+int64_t groups(const kernel_table& k, const plan& p) { return (p.c + k.width - 1) / k.width; }
+
+// Calls done(c, moments of channel c) for the NCHW channels [c0, c1), all
+// their slices merged in order; c0 is a multiple of the width if grouped.
+template <class Done>
+void nchw_moments(const kernel_table& k, const plan& p, const float* x, int64_t c0, int64_t c1,
+                  Done done) {
+  if (grouped(p)) {
+    region r;
+    nchw_chunk(p, 0, &r);
+    moments m[kMaxWidth];
+    for (int64_t g = c0; g < c1; g += k.width) {
+      const int64_t n = std::min(k.width, c1 - g);
+      k.moments_nchw_group(x + g * p.spatial, r, n, p.spatial, m);
+      for (int64_t j = 0; j < n; ++j) done(g + j, partial{m[j], static_cast<double>(p.count)});
+    }
+    return;
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    partial acc{{0, 0}, 0};
+    for (int64_t s = 0; s < p.slices; ++s) {
+      const partial part = nchw_slice_moments(k, p, x + c * p.spatial, s);
+      merge(acc, part.m, part.n);
+    }
+    done(c, acc);
+  }
+}
+
+// The same for the backward sums.
+template <class Done>
+void nchw_sums(const kernel_table& k, const plan& p, const float* x, const float* dy,
+               const float* mean, const uint8_t* mask, int64_t c0, int64_t c1, Done done) {
+  if (grouped(p)) {
+    region r;
+    nchw_chunk(p, 0, &r);
+    double s0[kMaxWidth], s1[kMaxWidth];
+    for (int64_t g = c0; g < c1; g += k.width) {
+      const int64_t n = std::min(k.width, c1 - g), at = g * p.spatial;
+      k.backward_reduce_nchw_group(x + at, dy + at, r, n, p.spatial, mean + g, {mask, at}, s0, s1);
+      for (int64_t j = 0; j < n; ++j) done(g + j, sums{s0[j], s1[j]});
+    }
+    return;
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    sums acc{0, 0};
+    for (int64_t s = 0; s < p.slices; ++s) {
+      const sums part = nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s);
+      acc.dy += part.dy;
+      acc.dy_xmu += part.dy_xmu;
+    }
+    done(c, acc);
+  }
+}
+
 // chunk: 2c doubles of scratch.
 void nhwc_slice_sums(const kernel_table& k, const plan& p, const float* x, const float* dy,
                      const float* mean, const uint8_t* mask, int64_t slice, sums* acc,
@@ -520,6 +579,11 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
         nhwc_slice_moments(k, p, x, s, part.get() + s * p.c, scratch.result<moments>(t),
                            scratch.work(t));
 #pragma omp barrier
+    } else if (grouped(p)) {  // one slice
+#pragma omp for schedule(static)
+      for (int64_t g = 0; g < groups(k, p); ++g)
+        nchw_moments(k, p, x, g * k.width, std::min(p.c, (g + 1) * k.width),
+                     [&](int64_t c, const partial& m) { part[c] = m; });
     } else {
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < p.c * p.slices; ++i) {
@@ -550,6 +614,11 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
         nhwc_slice_sums(k, p, x, dy, mean, mask, s, part.get() + s * p.c,
                         scratch.result<double>(t));
 #pragma omp barrier
+    } else if (grouped(p)) {  // one slice
+#pragma omp for schedule(static)
+      for (int64_t g = 0; g < groups(k, p); ++g)
+        nchw_sums(k, p, x, dy, mean, mask, g * k.width, std::min(p.c, (g + 1) * k.width),
+                  [&](int64_t c, const sums& s) { part[c] = s; });
     } else {
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < p.c * p.slices; ++i) {
@@ -612,11 +681,12 @@ void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, i
 // batches, 14x14 ResNet-50 layers; docs/performance.md).
 constexpr int64_t kMinRunBytes = 2048;
 
-int64_t fused_block(const plan& p, int nt, int arrays) {
+int64_t fused_block(const kernel_table& k, const plan& p, int nt, int arrays) {
   if (p.nhwc || (nt > 1 && p.c < 4 * nt)) return 0;
   const int64_t per_channel = p.count * static_cast<int64_t>(sizeof(float)) * arrays;
   const int64_t fit = std::max<int64_t>(1, l2_bytes() / 4 / per_channel);
-  const int64_t block = std::min(fit, std::max<int64_t>(1, p.c / (4 * nt)));
+  int64_t block = std::min(fit, std::max<int64_t>(1, p.c / (4 * nt)));
+  if (grouped(p)) block = (block + k.width - 1) / k.width * k.width;  // whole groups
   const bool long_runs = block * p.spatial * static_cast<int64_t>(sizeof(float)) >= kMinRunBytes;
   return long_runs ? block : 0;
 }
@@ -789,7 +859,7 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   const plan p = make_plan(*shape);
   const kernel_table& k = kernels();
   const int nt = threads_for(2 * total * static_cast<int64_t>(sizeof(float)));
-  const int64_t block = fused_block(p, nt, 1);
+  const int64_t block = fused_block(k, p, nt, 1);
   if (block == 0) {
     // moments -> merge -> normalize, exactly as the split-phase API.
     auto channel = allocate<partial>(p.c);
@@ -811,15 +881,10 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
-    for (int64_t c = c0; c < c1; ++c) {
-      partial acc{{0, 0}, 0};
-      for (int64_t s = 0; s < p.slices; ++s) {
-        const partial part = nchw_slice_moments(k, p, x + c * p.spatial, s);
-        merge(acc, part.m, part.n);
-      }
+    nchw_moments(k, p, x, c0, c1, [&](int64_t c, const partial& acc) {
       finish_moments(acc, &mean[c], &var[c]);
       scale_shift(gamma, beta, var[c], eps, c, scale, shift);
-    }
+    });
     for (int64_t n = 0; n < p.rows; ++n) {
       if (c1 < p.c) {
         const block_part next = image_part(p, n, c1, std::min(p.c, c1 + block));
@@ -1026,7 +1091,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   auto coef = allocate<float>(3 * p.c);
   if (!channel || !coef) return out_of_memory(fn, p.c);
 
-  const int64_t block = total == 0 ? 0 : fused_block(p, nt, 2);
+  const int64_t block = total == 0 ? 0 : fused_block(k, p, nt, 2);
   if (block == 0) {
     // reduce -> apply, exactly as the split-phase API.
     if (!need_sums) {
@@ -1054,17 +1119,16 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
-    for (int64_t c = c0; c < c1; ++c) {
-      sums acc{0, 0};
-      for (int64_t s = 0; need_sums && s < p.slices; ++s) {
-        const sums part = nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s);
-        acc.dy += part.dy;
-        acc.dy_xmu += part.dy_xmu;
-      }
+    auto done = [&](int64_t c, sums acc) {
       acc = to_xhat(acc, var[c], eps);
       if (dgamma) dgamma[c] = static_cast<float>(acc.dy_xmu);
       if (dbeta) dbeta[c] = static_cast<float>(acc.dy);
       coefficients(c, acc);
+    };
+    if (need_sums) {
+      nchw_sums(k, p, x, dy, mean, mask, c0, c1, done);
+    } else {
+      for (int64_t c = c0; c < c1; ++c) done(c, sums{0, 0});
     }
     for (int64_t n = 0; n < p.rows; ++n) {
       if (c1 < p.c) {

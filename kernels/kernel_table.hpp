@@ -52,13 +52,24 @@ struct relu_bits_in {
   int64_t index;
 };
 
+// The group kernels take channels of at most this many values: each
+// accumulator lane then sums at most 256 values with SSE2 (docs/numerics.md).
+constexpr int64_t kGroupValues = 2048;
+// The widest vector, in floats (AVX-512).
+constexpr int64_t kMaxWidth = 16;
+
 struct kernel_table {
   const char* isa;
+  int64_t width;  // floats per vector: the group kernels' channels per call
 
   // NCHW: every value of the region belongs to one channel. shift: NaN, or a
   // value near the channel's mean (the previous chunk's), which allows a
   // single pass over the data (microkernels.hpp).
   moments (*moments_nchw)(const float* x, region r, float shift);
+  // NCHW channels of at most kGroupValues values, `channels` <= width at
+  // once: channel j is region r at x + j * channel_stride; out[j].
+  void (*moments_nchw_group)(const float* x, region r, int64_t channels, int64_t channel_stride,
+                             moments* out);
   // NHWC: column j is channel j; out[j] for j < r.cols. shift: nullptr, or
   // r.cols values near the channels' means (the previous chunk's), which
   // allow a single pass over the data (microkernels.hpp).
@@ -76,6 +87,11 @@ struct kernel_table {
   // sum(dy) and sum(dy * (x - mean)), dy zeroed where the ReLU bit is clear.
   void (*backward_reduce_nchw)(const float* x, const float* dy, region r, float mean,
                                relu_bits_in relu, double* sum_dy, double* sum_dy_xmu);
+  // The same for `channels` <= width channels at once (see moments_nchw_group);
+  // mean, sum_dy and sum_dy_xmu indexed by the group's channel.
+  void (*backward_reduce_nchw_group)(const float* x, const float* dy, region r, int64_t channels,
+                                     int64_t channel_stride, const float* mean, relu_bits_in relu,
+                                     double* sum_dy, double* sum_dy_xmu);
   void (*backward_reduce_nhwc)(const float* x, const float* dy, region r, const float* mean,
                                relu_bits_in relu, double* sum_dy, double* sum_dy_xmu);
 

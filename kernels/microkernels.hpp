@@ -170,6 +170,86 @@ moments moments_nchw(const float* x, region r, float shift) {
   return {m + sum1 / count, std::max(0.0, sum2 - sum1 * sum1 / count)};
 }
 
+// NCHW channels with few values (a channel is one chunk of at most
+// kGroupValues, e.g. 7x7 at small batches): W channels at once, so that the
+// fixed costs of a reduction (horizontal sums, the double arithmetic) are
+// paid once per W channels. Channel j of the group is region r at
+// x + j * channel_stride; out[j] for j < channels <= W. Per channel, the same
+// two passes as moments_nchw with two accumulators (alternating vectors);
+// haddp then sums the W channels' vectors into one vector, lane j holding
+// channel j. The group is always channels [gW, gW + W) of the tensor, so a
+// channel's arithmetic depends only on the shape.
+
+// Calls add(v, 0) and add(v, 1) alternately (two accumulators, fixed
+// indices so that they stay in registers) for v = f(the values of one
+// channel's region r), a vector at a time; row tails through masked
+// vectors, zero in the inactive lanes.
+template <class A, class F, class Add>
+inline void for_each_vector(const float* x, region r, F f, Add add) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const int64_t tail = r.cols % W, body = r.cols - tail;
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const float* row = x + i * r.stride;
+    int64_t j = 0;
+    for (; j + 2 * W <= body; j += 2 * W) {
+      add(f(V::load_unaligned(row + j)), 0);
+      add(f(V::load_unaligned(row + j + W)), 1);
+    }
+    if (j < body) add(f(V::load_unaligned(row + j)), 0);
+    if (tail) add(simd::keep_first<A>(f(simd::load_first<A>(row + body, tail)), tail), 1);
+  }
+}
+
+template <class A>
+void moments_nchw_group(const float* x, region r, int64_t channels, int64_t channel_stride,
+                        moments* out) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const double count = static_cast<double>(r.rows * r.cols);
+  alignas(64) float x0[W], m[W], s1[W], s2[W];
+  V part[W], part2[W];
+  for (int64_t j = 0; j < W; ++j) {
+    part[j] = V(0.f);
+    x0[j] = j < channels ? x[j * channel_stride] : 0.f;
+    if (j >= channels) continue;
+    const V vx0(x0[j]);
+    V s0(0.f), s1(0.f);
+    for_each_vector<A>(x + j * channel_stride, r, [&](V v) { return v - vx0; },
+                       [&](V d, int k) { (k ? s1 : s0) += d; });
+    part[j] = s0 + s1;
+  }
+  (V::load_aligned(x0) + simd::haddp<A>(part) / V(static_cast<float>(count))).store_aligned(m);
+  for (int64_t j = 0; j < W; ++j) {
+    part[j] = part2[j] = V(0.f);
+    if (j >= channels) continue;
+    const V vm(m[j]);
+    V a1(0.f), b1(0.f), a2(0.f), b2(0.f);
+    for_each_vector<A>(x + j * channel_stride, r, [&](V v) { return v - vm; },
+                       [&](V d, int k) {
+                         if (k) {
+                           b1 += d;
+                           b2 = madd(d, d, b2);
+                         } else {
+                           a1 += d;
+                           a2 = madd(d, d, a2);
+                         }
+                       });
+    part[j] = a1 + b1;
+    part2[j] = a2 + b2;
+  }
+  simd::haddp<A>(part).store_aligned(s1);
+  simd::haddp<A>(part2).store_aligned(s2);
+  for (int64_t j = 0; j < channels; ++j) {
+    if (std::isfinite(s1[j]) && std::isfinite(s2[j])) {
+      out[j] = {m[j] + s1[j] / count,
+                std::max(0.0, s2[j] - static_cast<double>(s1[j]) * s1[j] / count)};
+    } else {
+      out[j] = moments_double<A>(x + j * channel_stride, r);
+    }
+  }
+}
+
 // NHWC: the same two passes, down the columns, Q vectors of adjacent
 // channels at a time with their accumulators in registers: each channel is
 // one vector lane (or, in the tail, the same operations in scalar), so its
@@ -522,6 +602,57 @@ void backward_reduce_nchw(const float* x, const float* dy, region r, float mean,
     backward_reduce_double<A>(x, dy, r, mean, relu_in, sum_dy, sum_dy_xmu);
 }
 
+// NCHW channels with few values, W at a time, as moments_nchw_group.
+template <class A>
+void backward_reduce_nchw_group(const float* x, const float* dy, region r, int64_t channels,
+                                int64_t channel_stride, const float* mean, relu_bits_in relu_in,
+                                double* sum_dy, double* sum_dy_xmu) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const int64_t tail = r.cols % W, body = r.cols - tail;
+  V part0[W], part1[W];
+  for (int64_t j = 0; j < W; ++j) {
+    part0[j] = part1[j] = V(0.f);
+    if (j >= channels) continue;
+    const V vm(mean[j]);
+    V s0[2] = {V(0.f), V(0.f)}, s1[2] = {V(0.f), V(0.f)};
+    // n values at x + at, dy + at into accumulator pair K (a constant, so
+    // that the accumulators stay in registers).
+    auto add = [&](auto K, int64_t at, int64_t n) {
+      const V g = load_dy<A>(dy + at, n, relu_in, relu_in.index + at);
+      const V xm = n == W ? V::load_unaligned(x + at) - vm
+                          : simd::keep_first<A>(simd::load_first<A>(x + at, n) - vm, n);
+      s0[K] += g;
+      s1[K] = madd(g, xm, s1[K]);
+    };
+    const std::integral_constant<int, 0> first;
+    const std::integral_constant<int, 1> second;
+    for (int64_t i = 0; i < r.rows; ++i) {
+      const int64_t at = j * channel_stride + i * r.stride;
+      int64_t c = 0;
+      for (; c + 2 * W <= body; c += 2 * W) {
+        add(first, at + c, W);
+        add(second, at + c + W, W);
+      }
+      if (c < body) add(first, at + c, W);
+      if (tail) add(second, at + body, tail);
+    }
+    part0[j] = s0[0] + s0[1];
+    part1[j] = s1[0] + s1[1];
+  }
+  alignas(64) float a0[W], a1[W];
+  simd::haddp<A>(part0).store_aligned(a0);
+  simd::haddp<A>(part1).store_aligned(a1);
+  for (int64_t j = 0; j < channels; ++j) {
+    sum_dy[j] = a0[j];
+    sum_dy_xmu[j] = a1[j];
+    if (!std::isfinite(a0[j]) || !std::isfinite(a1[j]))
+      backward_reduce_double<A>(x + j * channel_stride, dy + j * channel_stride, r, mean[j],
+                                {relu_in.bits, relu_in.index + j * channel_stride}, sum_dy + j,
+                                sum_dy_xmu + j);
+  }
+}
+
 // NHWC: as moments_nhwc, Q vectors of channels at a time in registers.
 template <class A, int Q>
 void backward_reduce_columns(const float* x, const float* dy, region r, int64_t j0,
@@ -638,11 +769,14 @@ template <class A>
 kernel_table make_kernel_table(const char* isa) {
   using namespace kernels_for;
   return {isa,
+          simd::vfloat<A>::size,
           moments_nchw<A>,
+          moments_nchw_group<A>,
           moments_nhwc<A>,
           normalize_nchw<A>,
           normalize_nhwc<A>,
           backward_reduce_nchw<A>,
+          backward_reduce_nchw_group<A>,
           backward_reduce_nhwc<A>,
           backward_apply_nchw<A>,
           backward_apply_nhwc<A>};

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <xsimd/xsimd.hpp>
 
 namespace bnorm {
@@ -35,6 +36,22 @@ inline vfloat<A> madd(vfloat<A> a, vfloat<A> b, vfloat<A> c) {
   } else {
     return xsimd::fma(a, b, c);
   }
+}
+
+// Lane i: the sum of the lanes of rows[i] (W rows). xsimd 8.1's avx512f
+// haddp returns the sums of rows 2-3 and 4-5 in each other's lanes, and
+// those of rows 10-11 and 12-13 (checked on 8.1.0: lanes 2 and 4 swap, ...),
+// so for AVX-512 the rows go in swapped and come out in place. The other
+// instruction sets' haddp are right. tests/ compare every lane.
+template <class A>
+inline vfloat<A> haddp(vfloat<A>* rows) {
+  if constexpr (std::is_base_of<xsimd::avx512f, A>::value) {
+    for (int base : {2, 10}) {
+      std::swap(rows[base], rows[base + 2]);
+      std::swap(rows[base + 1], rows[base + 3]);
+    }
+  }
+  return xsimd::haddp(rows);
 }
 
 // The scalar twin of madd for tails: the same rounding as the vector lanes.
