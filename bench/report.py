@@ -406,6 +406,9 @@ def write_markdown(res, path, images, img_rel):
       "runs at the speed of the machine's memory; below 1.0 happens when the tensor fits in "
       "cache, where a copy with streaming stores is not the fastest way to move data.")
     w("")
+    w("What the figures mean, the shapes where bnorm misses a target and why: "
+      "[performance-notes.md](performance-notes.md) (written by hand for the run below).")
+    w("")
     w("## How it was measured")
     w("")
     caches = ", ".join("L%d%s %s%s" % (c["level"], {"Data": "d", "Instruction": "i"}.get(

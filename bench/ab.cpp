@@ -1,0 +1,170 @@
+// bnorm_ab: compares two (or more) builds of libbnorm in one process.
+//
+//   bnorm_ab old/libbnorm.so new/libbnorm.so  mb32ic256ih56iw56 nhwc fwd_training
+//
+// This machine's memory bandwidth drifts by tens of percent between runs
+// (other virtual machines share it), so two benchmark runs of two builds
+// cannot resolve a 5-10% change. bnorm_ab loads every library with dlopen
+// (RTLD_LOCAL: each keeps its own symbols), then runs them in turn, nine
+// rounds: in each round every library is timed right after a non-temporal
+// copy of the same traffic (forward: S bytes, backward: 1.5 S), best of
+// enough calls to last ~20 ms. It prints the median and range over the
+// rounds of time / copy per library.
+//
+// Operations: fwd_training, fwd_training_relu, fwd_inference, backward,
+// moments (bnorm_moments alone).
+#include <dlfcn.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "bnorm/bnorm.h"
+#include "memory_reference.h"
+
+namespace {
+
+struct library {
+  std::string path;
+  decltype(&bnorm_moments) moments;
+  decltype(&bnorm_forward_inference) inference;
+  decltype(&bnorm_forward_training) training;
+  decltype(&bnorm_backward) backward;
+};
+
+template <class F>
+F symbol(void* handle, const char* name) {
+  return reinterpret_cast<F>(dlsym(handle, name));
+}
+
+bool parse_problem(const char* s, int64_t* n, int64_t* c, int64_t* spatial) {
+  long long mb = 1, ic = 0, ih = 1, iw = 1;
+  if (std::sscanf(s, "mb%lldic%lldih%lldiw%lld", &mb, &ic, &ih, &iw) == 4 ||
+      std::sscanf(s, "mb%lldic%lld", &mb, &ic) == 2) {
+    *n = mb;
+    *c = ic;
+    *spatial = ih * iw;
+    return mb > 0 && ic > 0 && ih > 0 && iw > 0;
+  }
+  return false;
+}
+
+template <class F>
+double best_seconds(F f, int calls) {
+  double best = 1e30;
+  for (int i = 0; i < calls; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+float* buffer(size_t floats) {
+  const size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+  auto* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+  if (!p) {
+    std::fprintf(stderr, "bnorm_ab: out of memory\n");
+    std::exit(1);
+  }
+  return p;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 5) {
+    std::fprintf(stderr,
+                 "usage: %s LIB [LIB...] PROBLEM nchw|nhwc "
+                 "fwd_training|fwd_training_relu|fwd_inference|backward|moments\n",
+                 argv[0]);
+    return 2;
+  }
+  const std::string op = argv[argc - 1], layout_name = argv[argc - 2];
+  int64_t n = 0, c = 0, spatial = 0;
+  if (!parse_problem(argv[argc - 3], &n, &c, &spatial) ||
+      (layout_name != "nchw" && layout_name != "nhwc")) {
+    std::fprintf(stderr, "bnorm_ab: bad problem or layout\n");
+    return 2;
+  }
+  std::vector<library> libs;
+  for (int i = 1; i < argc - 3; ++i) {
+    void* h = dlopen(argv[i], RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+      std::fprintf(stderr, "bnorm_ab: %s\n", dlerror());
+      return 1;
+    }
+    libs.push_back({argv[i], symbol<decltype(&bnorm_moments)>(h, "bnorm_moments"),
+                    symbol<decltype(&bnorm_forward_inference)>(h, "bnorm_forward_inference"),
+                    symbol<decltype(&bnorm_forward_training)>(h, "bnorm_forward_training"),
+                    symbol<decltype(&bnorm_backward)>(h, "bnorm_backward")});
+  }
+
+  const int64_t total = n * c * spatial;
+  const bool backward = op == "backward";
+  const size_t copy_bytes = static_cast<size_t>(total) * sizeof(float) * (backward ? 3 : 2) / 2;
+  float* x = buffer(total);
+  float* y = buffer(total);
+  float* dy = buffer(total);
+  float* dx = buffer(total);
+  float* copy_src = buffer(copy_bytes / sizeof(float) + 16);
+  float* copy_dst = buffer(copy_bytes / sizeof(float) + 16);
+  for (int64_t i = 0; i < total; ++i) {
+    x[i] = static_cast<float>(i % 97) * 0.1f;
+    dy[i] = static_cast<float>(i % 13) * 0.1f - 0.6f;
+    y[i] = dx[i] = 0.f;
+  }
+  std::memset(copy_src, 0, copy_bytes);
+  std::memset(copy_dst, 0, copy_bytes);
+  std::vector<float> mean(c), var(c, 1.f), gamma(c, 1.f), beta(c, 0.f), dgamma(c), dbeta(c);
+  std::vector<double> dmean(c), m2(c);
+  std::vector<uint8_t> mask(static_cast<size_t>(total / 8 + 1));
+  const bnorm_shape shape{n, c, spatial, layout_name == "nhwc" ? BNORM_NHWC : BNORM_NCHW};
+
+  auto call = [&](const library& l) {
+    bnorm_status s = BNORM_SUCCESS;
+    if (op == "moments") s = l.moments(&shape, x, dmean.data(), m2.data());
+    else if (op == "fwd_inference")
+      s = l.inference(&shape, 1e-5f, 0, x, gamma.data(), beta.data(), mean.data(), var.data(), y);
+    else if (op == "fwd_training" || op == "fwd_training_relu")
+      s = l.training(&shape, 1e-5f, op == "fwd_training" ? 0u : unsigned(BNORM_FUSE_RELU), x,
+                     gamma.data(), beta.data(), y, mean.data(), var.data(), mask.data());
+    else if (backward)
+      s = l.backward(&shape, 1e-5f, 0, x, dy, gamma.data(), mean.data(), var.data(), nullptr, dx,
+                     dgamma.data(), dbeta.data());
+    else {
+      std::fprintf(stderr, "bnorm_ab: unknown operation %s\n", op.c_str());
+      std::exit(2);
+    }
+    if (s != BNORM_SUCCESS) {
+      std::fprintf(stderr, "bnorm_ab: %s failed\n", l.path.c_str());
+      std::exit(1);
+    }
+  };
+
+  const double traffic = static_cast<double>(total) * sizeof(float) * (backward ? 3 : 2);
+  const int calls = std::max(3, static_cast<int>(0.02 / (traffic / 50e9)));
+  constexpr int kRounds = 9;
+  std::vector<std::vector<double>> ratio(libs.size());
+  for (int round = 0; round < kRounds; ++round)
+    for (size_t k = 0; k < libs.size(); ++k) {
+      const double copy_s =
+          best_seconds([&] { bnorm_bench::nt_copy(copy_dst, copy_src, copy_bytes); }, calls);
+      call(libs[k]);
+      ratio[k].push_back(best_seconds([&] { call(libs[k]); }, calls) / copy_s);
+    }
+  std::printf("%s %s %s, %d threads, time / copy (median [min-max] of %d rounds):\n",
+              argv[argc - 3], layout_name.c_str(), op.c_str(), omp_get_max_threads(), kRounds);
+  for (size_t k = 0; k < libs.size(); ++k) {
+    std::sort(ratio[k].begin(), ratio[k].end());
+    std::printf("  %-40s %.3f [%.3f-%.3f]\n", libs[k].path.c_str(), ratio[k][kRounds / 2],
+                ratio[k].front(), ratio[k].back());
+  }
+  return 0;
+}
