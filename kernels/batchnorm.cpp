@@ -50,13 +50,17 @@ bnorm_status succeed() {
 // NCHW chunks hold at most this many values of one channel (16 KiB, a third
 // of a 48 KiB L1d: the moments kernel's second pass then reads L1).
 constexpr int64_t kChunkValues = 4096;
-// NHWC chunks are whole rows, about this many values (256 KiB): the moments
-// kernel's second pass reads them again from L2. Every chunk costs scalar
-// work per channel (its float sums to double, a merge), so chunks are as long
-// as that allows: 256 rows (the most values one float accumulator lane may
-// sum, docs/numerics.md) when C <= 256, down to 64 rows from C = 1024 on.
-constexpr int64_t kChunkValuesNhwc = 65536;
-constexpr int64_t kMinChunkRows = 64, kMaxChunkRows = 256;
+// NHWC chunks are this many whole rows. The moments kernel reduces a chunk a
+// group of 64 channels at a time, both passes over the group's rows x 256
+// bytes (64 KiB, in L1/L2) whatever C is; every chunk costs scalar work per
+// channel (its float sums to double, a merge), so chunks are as long as the
+// accuracy bound allows: one float accumulator lane sums at most 256 values
+// (docs/numerics.md).
+constexpr int64_t kChunkRows = 256;
+// The next chunk is prefetched while one is reduced only when it is at most
+// this many floats (256 KiB, a quarter of L2): larger chunks would evict the
+// one being read, and the hardware prefetcher follows their long rows.
+constexpr int64_t kPrefetchFloats = 65536;
 // Slices: NHWC tensors are cut into at most kMaxSlices slices of rows (all
 // channels), NCHW channels into at most kMaxSlices / C slices each: enough
 // for 64 threads in both cases, and scratch of at most kMaxSlices x C partial
@@ -93,8 +97,7 @@ plan make_plan(const bnorm_shape& s) {
   if (p.nhwc) {
     p.rows = p.count;
     p.stride = s.c;
-    p.row_chunk = kMaxChunkRows;
-    while (p.row_chunk > kMinChunkRows && s.c > kChunkValuesNhwc / p.row_chunk) p.row_chunk /= 2;
+    p.row_chunk = kChunkRows;
     p.chunks = (p.rows + p.row_chunk - 1) / p.row_chunk;
   } else {
     p.rows = s.n;
@@ -309,7 +312,7 @@ void nhwc_slice_moments(const kernel_table& k, const plan& p, const float* x, in
     if (ch + 1 < slice_begin(p, slice + 1)) {
       region next;
       const int64_t next_at = nhwc_chunk(p, ch + 1, &next);
-      prefetch_floats(x + next_at, next.rows * p.c);
+      if (next.rows * p.c <= kPrefetchFloats) prefetch_floats(x + next_at, next.rows * p.c);
     }
     k.moments_nhwc(x + at, r, ch == slice_begin(p, slice) ? nullptr : shift, chunk);
     merge_same_count(acc, chunk, p.c, static_cast<double>(r.rows));
@@ -487,8 +490,10 @@ void nhwc_slice_sums(const kernel_table& k, const plan& p, const float* x, const
     if (ch + 1 < slice_begin(p, slice + 1)) {
       region next;
       const int64_t next_at = nhwc_chunk(p, ch + 1, &next);
-      prefetch_floats(x + next_at, next.rows * p.c);
-      prefetch_floats(dy + next_at, next.rows * p.c);
+      if (2 * next.rows * p.c <= kPrefetchFloats) {
+        prefetch_floats(x + next_at, next.rows * p.c);
+        prefetch_floats(dy + next_at, next.rows * p.c);
+      }
     }
     k.backward_reduce_nhwc(x + at, dy + at, r, mean, {mask, at}, chunk, chunk + p.c);
     for (int64_t j = 0; j < p.c; ++j) {
