@@ -490,7 +490,7 @@ void nhwc_slice_sums(const kernel_table& k, const plan& p, const float* x, const
     if (ch + 1 < slice_begin(p, slice + 1)) {
       region next;
       const int64_t next_at = nhwc_chunk(p, ch + 1, &next);
-      if (2 * next.rows * p.c <= kPrefetchFloats) {
+      if (next.rows * p.c <= kPrefetchFloats) {
         prefetch_floats(x + next_at, next.rows * p.c);
         prefetch_floats(dy + next_at, next.rows * p.c);
       }
