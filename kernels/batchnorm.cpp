@@ -558,7 +558,10 @@ struct nhwc_scratch {
                     int64_t work_floats_per_channel) {
     if (!p.nhwc) return true;
     result_bytes = p.c * result_bytes_per_channel;
-    per_thread = result_bytes + p.c * work_floats_per_channel * static_cast<int64_t>(sizeof(float));
+    // Each thread's part starts on a cache line: aligned for the doubles of
+    // the results, and no line shared between threads.
+    const int64_t bytes = result_bytes + p.c * work_floats_per_channel * static_cast<int64_t>(sizeof(float));
+    per_thread = (bytes + 63) / 64 * 64;
     bytes = allocate<unsigned char>(nt * per_thread);
     return bytes != nullptr;
   }
