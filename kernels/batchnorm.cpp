@@ -560,8 +560,8 @@ struct nhwc_scratch {
     result_bytes = p.c * result_bytes_per_channel;
     // Each thread's part starts on a cache line: aligned for the doubles of
     // the results, and no line shared between threads.
-    const int64_t bytes = result_bytes + p.c * work_floats_per_channel * static_cast<int64_t>(sizeof(float));
-    per_thread = (bytes + 63) / 64 * 64;
+    const int64_t need = result_bytes + p.c * work_floats_per_channel * static_cast<int64_t>(sizeof(float));
+    per_thread = (need + 63) / 64 * 64;
     bytes = allocate<unsigned char>(nt * per_thread);
     return bytes != nullptr;
   }
