@@ -296,6 +296,20 @@ partial nchw_slice_moments(const kernel_table& k, const plan& p, const float* ch
   return acc;
 }
 
+// NHWC: while chunk ch of the slice is reduced, asks for the next chunk of
+// a (and of b, if not null) to be brought into L2. The kernels read a chunk
+// a group of columns at a time; the next chunk's rows are contiguous, so
+// they are asked for as one stream, if at most kPrefetchFloats per array.
+void prefetch_next_chunk(const plan& p, int64_t slice, int64_t ch, const float* a,
+                         const float* b) {
+  if (ch + 1 >= slice_begin(p, slice + 1)) return;
+  region next;
+  const int64_t at = nhwc_chunk(p, ch + 1, &next), n = next.rows * p.c;
+  if (n > kPrefetchFloats) return;
+  prefetch_floats(a + at, n);
+  if (b) prefetch_floats(b + at, n);
+}
+
 // NHWC: the moments of slice `slice` of every channel, into acc[0, c).
 // chunk: c moments, shift: c floats of scratch. Each chunk after the first
 // of the slice is reduced around the previous chunk's means (a single pass
@@ -307,13 +321,7 @@ void nhwc_slice_moments(const kernel_table& k, const plan& p, const float* x, in
   for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch) {
     region r;
     const int64_t at = nhwc_chunk(p, ch, &r);
-    // The kernel reads the chunk a group of columns at a time; the next
-    // chunk's rows are contiguous, so ask for them now, as one stream.
-    if (ch + 1 < slice_begin(p, slice + 1)) {
-      region next;
-      const int64_t next_at = nhwc_chunk(p, ch + 1, &next);
-      if (next.rows * p.c <= kPrefetchFloats) prefetch_floats(x + next_at, next.rows * p.c);
-    }
+    prefetch_next_chunk(p, slice, ch, x, nullptr);
     k.moments_nhwc(x + at, r, ch == slice_begin(p, slice) ? nullptr : shift, chunk);
     merge_same_count(acc, chunk, p.c, static_cast<double>(r.rows));
     for (int64_t j = 0; j < p.c; ++j) shift[j] = static_cast<float>(chunk[j].mean);
@@ -322,7 +330,7 @@ void nhwc_slice_moments(const kernel_table& k, const plan& p, const float* x, in
 
 // ---------------------------------------------------------------------------
 // Elementwise passes, shared by training, inference and backward: `item`
-// numbers NCHW (channel, chunk) pairs or NHWC chunks (all column blocks).
+// numbers NCHW runs (kRunValues values in memory order) or NHWC chunks.
 
 // NCHW passes take runs of this many consecutive values (64 KiB) in memory
 // order, whatever the channels and rows they cross: one stream per thread.
@@ -487,14 +495,7 @@ void nhwc_slice_sums(const kernel_table& k, const plan& p, const float* x, const
   for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch) {
     region r;
     const int64_t at = nhwc_chunk(p, ch, &r);
-    if (ch + 1 < slice_begin(p, slice + 1)) {
-      region next;
-      const int64_t next_at = nhwc_chunk(p, ch + 1, &next);
-      if (next.rows * p.c <= kPrefetchFloats) {
-        prefetch_floats(x + next_at, next.rows * p.c);
-        prefetch_floats(dy + next_at, next.rows * p.c);
-      }
-    }
+    prefetch_next_chunk(p, slice, ch, x, dy);
     k.backward_reduce_nhwc(x + at, dy + at, r, mean, {mask, at}, chunk, chunk + p.c);
     for (int64_t j = 0; j < p.c; ++j) {
       acc[j].dy += chunk[j];

@@ -61,42 +61,57 @@ moments moments_double(const float* x, region r) {
   return {mean, m2};
 }
 
+// Calls add(v, 0) and add(v, 1) alternately (two accumulators, fixed
+// indices so that they stay in registers) for v = f(the values of one
+// channel's region r), a vector at a time; row tails through masked
+// vectors, zero in the inactive lanes.
+template <class A, class F, class Add>
+inline void for_each_vector(const float* x, region r, F f, Add add) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const int64_t tail = r.cols % W, body = r.cols - tail;
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const float* row = x + i * r.stride;
+    int64_t j = 0;
+    for (; j + 2 * W <= body; j += 2 * W) {
+      add(f(V::load_unaligned(row + j)), 0);
+      add(f(V::load_unaligned(row + j + W)), 1);
+    }
+    if (j < body) add(f(V::load_unaligned(row + j)), 0);
+    if (tail) add(simd::keep_first<A>(f(simd::load_first<A>(row + body, tail)), tail), 1);
+  }
+}
+
+// Sums of d = x - k and of d^2 over one channel's region r (two
+// accumulators each, see for_each_vector), into *d1 and *d2.
+template <class A>
+inline void deviation_sums(const float* x, region r, simd::vfloat<A> k, simd::vfloat<A>* d1,
+                           simd::vfloat<A>* d2) {
+  using V = simd::vfloat<A>;
+  V a1(0.f), b1(0.f), a2(0.f), b2(0.f);
+  for_each_vector<A>(x, r, [&](V v) { return v - k; }, [&](V d, int second) {
+    if (second) {
+      b1 += d;
+      b2 = madd(d, d, b2);
+    } else {
+      a1 += d;
+      a2 = madd(d, d, a2);
+    }
+  });
+  *d1 = a1 + b1;
+  *d2 = a2 + b2;
+}
+
 // With a shift (the previous chunk's mean; NaN: none), one pass first, as
 // for NHWC below (moments_columns_shifted, which explains the test); the two
 // passes only if the shift is too far from the chunk's mean.
 template <class A>
 bool moments_nchw_shifted(const float* x, region r, float shift, moments* out) {
   using V = simd::vfloat<A>;
-  constexpr int64_t W = V::size;
-  const int64_t tail = r.cols % W, body = r.cols - tail;
-  const V k(shift);
-  V d1[2] = {V(0.f), V(0.f)};
-  V d2[2] = {V(0.f), V(0.f)};
-  for (int64_t i = 0; i < r.rows; ++i) {
-    const float* row = x + i * r.stride;
-    int64_t j = 0;
-    for (; j + 2 * W <= body; j += 2 * W) {
-      const V a = V::load_unaligned(row + j) - k;
-      const V b = V::load_unaligned(row + j + W) - k;
-      d1[0] += a;
-      d1[1] += b;
-      d2[0] = madd(a, a, d2[0]);
-      d2[1] = madd(b, b, d2[1]);
-    }
-    if (j < body) {
-      const V a = V::load_unaligned(row + j) - k;
-      d1[0] += a;
-      d2[0] = madd(a, a, d2[0]);
-      j += W;
-    }
-    if (tail) {
-      const V a = simd::keep_first<A>(simd::load_first<A>(row + j, tail) - k, tail);
-      d1[1] += a;
-      d2[1] = madd(a, a, d2[1]);
-    }
-  }
-  const float sum1 = xsimd::hadd(d1[0] + d1[1]);
-  const float sum2 = xsimd::hadd(d2[0] + d2[1]);
+  V d1, d2;
+  deviation_sums<A>(x, r, V(shift), &d1, &d2);
+  const float sum1 = xsimd::hadd(d1);
+  const float sum2 = xsimd::hadd(d2);
   const double count = static_cast<double>(r.rows * r.cols);
   // Finite sums (no inf or NaN in the data, no overflow) with the shift
   // within sigma/sqrt(7) of the mean; false for NaN.
@@ -138,34 +153,10 @@ moments moments_nchw(const float* x, region r, float shift) {
   const float m = static_cast<float>(x0 + sum0 / count);
 
   // Pass 2.
-  const V vm(m);
-  V d1[2] = {V(0.f), V(0.f)};
-  V d2[2] = {V(0.f), V(0.f)};
-  for (int64_t i = 0; i < r.rows; ++i) {
-    const float* row = x + i * r.stride;
-    int64_t j = 0;
-    for (; j + 2 * W <= body; j += 2 * W) {
-      const V a = V::load_unaligned(row + j) - vm;
-      const V b = V::load_unaligned(row + j + W) - vm;
-      d1[0] += a;
-      d1[1] += b;
-      d2[0] = madd(a, a, d2[0]);
-      d2[1] = madd(b, b, d2[1]);
-    }
-    if (j < body) {
-      const V a = V::load_unaligned(row + j) - vm;
-      d1[0] += a;
-      d2[0] = madd(a, a, d2[0]);
-      j += W;
-    }
-    if (tail) {
-      const V a = simd::keep_first<A>(simd::load_first<A>(row + j, tail) - vm, tail);
-      d1[1] += a;
-      d2[1] = madd(a, a, d2[1]);
-    }
-  }
-  const double sum1 = static_cast<double>(xsimd::hadd(d1[0] + d1[1]));
-  const double sum2 = static_cast<double>(xsimd::hadd(d2[0] + d2[1]));
+  V d1, d2;
+  deviation_sums<A>(x, r, V(m), &d1, &d2);
+  const double sum1 = static_cast<double>(xsimd::hadd(d1));
+  const double sum2 = static_cast<double>(xsimd::hadd(d2));
   if (!std::isfinite(sum1) || !std::isfinite(sum2)) return moments_double<A>(x, r);
   return {m + sum1 / count, std::max(0.0, sum2 - sum1 * sum1 / count)};
 }
@@ -179,27 +170,6 @@ moments moments_nchw(const float* x, region r, float shift) {
 // haddp then sums the W channels' vectors into one vector, lane j holding
 // channel j. The group is always channels [gW, gW + W) of the tensor, so a
 // channel's arithmetic depends only on the shape.
-
-// Calls add(v, 0) and add(v, 1) alternately (two accumulators, fixed
-// indices so that they stay in registers) for v = f(the values of one
-// channel's region r), a vector at a time; row tails through masked
-// vectors, zero in the inactive lanes.
-template <class A, class F, class Add>
-inline void for_each_vector(const float* x, region r, F f, Add add) {
-  using V = simd::vfloat<A>;
-  constexpr int64_t W = V::size;
-  const int64_t tail = r.cols % W, body = r.cols - tail;
-  for (int64_t i = 0; i < r.rows; ++i) {
-    const float* row = x + i * r.stride;
-    int64_t j = 0;
-    for (; j + 2 * W <= body; j += 2 * W) {
-      add(f(V::load_unaligned(row + j)), 0);
-      add(f(V::load_unaligned(row + j + W)), 1);
-    }
-    if (j < body) add(f(V::load_unaligned(row + j)), 0);
-    if (tail) add(simd::keep_first<A>(f(simd::load_first<A>(row + body, tail)), tail), 1);
-  }
-}
 
 template <class A>
 void moments_nchw_group(const float* x, region r, int64_t channels, int64_t channel_stride,
@@ -223,20 +193,7 @@ void moments_nchw_group(const float* x, region r, int64_t channels, int64_t chan
   for (int64_t j = 0; j < W; ++j) {
     part[j] = part2[j] = V(0.f);
     if (j >= channels) continue;
-    const V vm(m[j]);
-    V a1(0.f), b1(0.f), a2(0.f), b2(0.f);
-    for_each_vector<A>(x + j * channel_stride, r, [&](V v) { return v - vm; },
-                       [&](V d, int k) {
-                         if (k) {
-                           b1 += d;
-                           b2 = madd(d, d, b2);
-                         } else {
-                           a1 += d;
-                           a2 = madd(d, d, a2);
-                         }
-                       });
-    part[j] = a1 + b1;
-    part2[j] = a2 + b2;
+    deviation_sums<A>(x + j * channel_stride, r, V(m[j]), &part[j], &part2[j]);
   }
   simd::haddp<A>(part).store_aligned(s1);
   simd::haddp<A>(part2).store_aligned(s2);
