@@ -687,7 +687,7 @@ void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, i
 // channels, or when an image's part of a block would be shorter than
 // kMinRunBytes: short runs cost their fixed overhead and split cache lines
 // at both ends, and measured slower than the two phases (7x7 and, at large
-// batches, 14x14 ResNet-50 layers; docs/performance.md).
+// batches, 14x14 ResNet-50 layers; docs/performance-notes.md).
 constexpr int64_t kMinRunBytes = 2048;
 
 int64_t fused_block(const kernel_table& k, const plan& p, int nt, int arrays) {
