@@ -146,14 +146,46 @@ int64_t nhwc_chunk(const plan& p, int64_t k, region* r) {
 
 int64_t slice_begin(const plan& p, int64_t slice) { return slice * p.chunks / p.slices; }
 
-// The NHWC slices [begin, end) that thread t of nt reduces (and later
-// normalizes): contiguous, so that each thread streams its own rows.
-struct slice_range {
+// NHWC work is cut into items: one slice's chunks, restricted to the columns
+// [c0, c1). Normally an item is a whole slice. When a tensor has too few
+// slices for the threads (few rows: 7x7 and 14x14 images at batch 1, (N, C)
+// input with small N), every slice is also cut into nt column blocks of
+// whole 64-channel groups, so that no thread idles. The kernels' vector groups then start at the same
+// multiples of 64 channels as without blocks, and every channel is reduced
+// in its own lane, so a channel's arithmetic, and its result bits, do not
+// depend on the blocks (nor on the thread count).
+constexpr int64_t kColumnGroup = 64;
+
+struct nhwc_item {
+  int64_t slice, c0, c1;
+};
+
+struct item_range {
   int64_t begin, end;
 };
-slice_range nhwc_share(const plan& p, int t, int nt) {
-  return {p.slices * t / nt, p.slices * (t + 1) / nt};
-}
+
+struct nhwc_work {
+  const plan& p;
+  int64_t blocks;  // column blocks per slice
+
+  nhwc_work(const plan& p_, int nt) : p(p_), blocks(1) {
+    const int64_t groups = (p.c + kColumnGroup - 1) / kColumnGroup;
+    // Only when some thread would have no slice: column blocks measured
+    // slower than uneven shares of slices (NHWC forward training, 12x49x1024,
+    // 3 slices between 2 threads: 4.0 copies as slices, 4.7 as 2x3 blocks;
+    // the threads then read half-rows of the same pages).
+    if (p.slices < nt) blocks = std::min<int64_t>(groups, nt);
+  }
+  int64_t items() const { return p.slices * blocks; }
+  nhwc_item item(int64_t i) const {
+    const int64_t b = i % blocks, groups = (p.c + kColumnGroup - 1) / kColumnGroup;
+    return {i / blocks, std::min(p.c, b * groups / blocks * kColumnGroup),
+            std::min(p.c, (b + 1) * groups / blocks * kColumnGroup)};
+  }
+  // The items thread t of nt reduces (and later normalizes): contiguous, in
+  // (slice, block) order, so that each thread streams its own rows.
+  item_range share(int t, int nt) const { return {items() * t / nt, items() * (t + 1) / nt}; }
+};
 
 // The cache sizes the machine reports: Linux's sysfs first (what lscpu
 // shows), then glibc's sysconf. sysfs wins because glibc derives the sizes
@@ -296,49 +328,64 @@ partial nchw_slice_moments(const kernel_table& k, const plan& p, const float* ch
   return acc;
 }
 
-// NHWC: while chunk ch of the slice is reduced, asks for the next chunk of
-// a (and of b, if not null) to be brought into L2. The kernels read a chunk
-// a group of columns at a time; the next chunk's rows are contiguous, so
-// they are asked for as one stream, if at most kPrefetchFloats per array.
-void prefetch_next_chunk(const plan& p, int64_t slice, int64_t ch, const float* a,
-                         const float* b) {
-  if (ch + 1 >= slice_begin(p, slice + 1)) return;
-  region next;
-  const int64_t at = nhwc_chunk(p, ch + 1, &next), n = next.rows * p.c;
-  if (n > kPrefetchFloats) return;
-  prefetch_floats(a + at, n);
-  if (b) prefetch_floats(b + at, n);
+// Chunk ch of an NHWC tensor, columns [c0, c1) of item it: its region and
+// the offset of its first value.
+int64_t nhwc_part(const plan& p, const nhwc_item& it, int64_t ch, region* r) {
+  const int64_t at = nhwc_chunk(p, ch, r);
+  r->cols = it.c1 - it.c0;
+  return at + it.c0;
 }
 
-// NHWC: the moments of slice `slice` of every channel, into acc[0, c).
-// chunk: c moments, shift: c floats of scratch. Each chunk after the first
-// of the slice is reduced around the previous chunk's means (a single pass
-// when they are close, see moments_nhwc): the shift depends only on the
-// slice's chunks, so results stay independent of the thread count.
-void nhwc_slice_moments(const kernel_table& k, const plan& p, const float* x, int64_t slice,
-                        partial* acc, moments* chunk, float* shift) {
-  for (int64_t j = 0; j < p.c; ++j) acc[j] = {{0, 0}, 0};
-  for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch) {
+// NHWC: while chunk ch of an item is reduced, asks for the item's part of
+// the next chunk of a (and of b, if not null) to be brought into L2. The
+// kernels read a chunk a group of columns at a time; the next chunk's rows
+// are asked for in memory order, if at most kPrefetchFloats per array.
+void prefetch_next_chunk(const plan& p, const nhwc_item& it, int64_t ch, const float* a,
+                         const float* b) {
+  if (ch + 1 >= slice_begin(p, it.slice + 1)) return;
+  region next;
+  const int64_t at = nhwc_part(p, it, ch + 1, &next);
+  if (next.rows * next.cols > kPrefetchFloats) return;
+  if (next.cols == p.c) {  // whole rows: one stream
+    prefetch_floats(a + at, next.rows * p.c);
+    if (b) prefetch_floats(b + at, next.rows * p.c);
+    return;
+  }
+  for (int64_t i = 0; i < next.rows; ++i) {
+    prefetch_floats(a + at + i * p.stride, next.cols);
+    if (b) prefetch_floats(b + at + i * p.stride, next.cols);
+  }
+}
+
+// NHWC: the moments of item `it` (a slice's columns [c0, c1)), into
+// acc[c0, c1). chunk: c moments, shift: c floats of scratch. Each chunk
+// after the first of the slice is reduced around the previous chunk's means
+// (a single pass when they are close, see moments_nhwc): the shift depends
+// only on the slice's chunks, so results stay independent of the thread count.
+void nhwc_item_moments(const kernel_table& k, const plan& p, const float* x, const nhwc_item& it,
+                       partial* acc, moments* chunk, float* shift) {
+  for (int64_t j = it.c0; j < it.c1; ++j) acc[j] = {{0, 0}, 0};
+  for (int64_t ch = slice_begin(p, it.slice); ch < slice_begin(p, it.slice + 1); ++ch) {
     region r;
-    const int64_t at = nhwc_chunk(p, ch, &r);
-    prefetch_next_chunk(p, slice, ch, x, nullptr);
-    k.moments_nhwc(x + at, r, ch == slice_begin(p, slice) ? nullptr : shift, chunk);
-    merge_same_count(acc, chunk, p.c, static_cast<double>(r.rows));
-    for (int64_t j = 0; j < p.c; ++j) shift[j] = static_cast<float>(chunk[j].mean);
+    const int64_t at = nhwc_part(p, it, ch, &r);
+    prefetch_next_chunk(p, it, ch, x, nullptr);
+    const bool first = ch == slice_begin(p, it.slice);
+    k.moments_nhwc(x + at, r, first ? nullptr : shift + it.c0, chunk + it.c0);
+    merge_same_count(acc + it.c0, chunk + it.c0, r.cols, static_cast<double>(r.rows));
+    for (int64_t j = it.c0; j < it.c1; ++j) shift[j] = static_cast<float>(chunk[j].mean);
   }
 }
 
 // ---------------------------------------------------------------------------
 // Elementwise passes, shared by training, inference and backward: `item`
-// numbers NCHW runs (kRunValues values in memory order) or NHWC chunks.
+// numbers NCHW runs (kRunValues values in memory order); NHWC passes take
+// chunks of nhwc_work items.
 
 // NCHW passes take runs of this many consecutive values (64 KiB) in memory
 // order, whatever the channels and rows they cross: one stream per thread.
 constexpr int64_t kRunValues = 16384;
 
-int64_t elementwise_items(const plan& p) {
-  return p.nhwc ? p.chunks : (p.rows * p.stride + kRunValues - 1) / kRunValues;
-}
+int64_t elementwise_items(const plan& p) { return (p.rows * p.stride + kRunValues - 1) / kRunValues; }
 
 // The NCHW run of `count` values from index `at`.
 flat_run run_at(const plan& p, int64_t at, int64_t count) {
@@ -364,13 +411,6 @@ void normalize_run(const kernel_table& k, const plan& p, const normalize_args& a
 }
 
 void normalize_item(const kernel_table& k, const plan& p, const normalize_args& a, int64_t item) {
-  if (p.nhwc) {
-    region r;
-    const int64_t at = nhwc_chunk(p, item, &r);
-    k.normalize_nhwc(a.x + at, a.y + at, r, a.mean, a.scale, a.shift, {a.relu, a.mask, at},
-                     a.stream);
-    return;
-  }
   const int64_t at = item * kRunValues;
   normalize_run(k, p, a, at, std::min(kRunValues, p.rows * p.stride - at));
 }
@@ -394,15 +434,25 @@ void apply_run(const kernel_table& k, const plan& p, const apply_args& a, int64_
 }
 
 void apply_item(const kernel_table& k, const plan& p, const apply_args& a, int64_t item) {
-  if (p.nhwc) {
-    region r;
-    const int64_t at = nhwc_chunk(p, item, &r);
-    k.backward_apply_nhwc(a.x ? a.x + at : nullptr, a.dy + at, a.dx + at, r, a.mean, a.a, a.b,
-                          a.c, {a.mask, at}, a.stream);
-    return;
-  }
   const int64_t at = item * kRunValues;
   apply_run(k, p, a, at, std::min(kRunValues, p.rows * p.stride - at));
+}
+
+// NHWC: chunk ch of item it.
+void normalize_part(const kernel_table& k, const plan& p, const normalize_args& a,
+                    const nhwc_item& it, int64_t ch) {
+  region r;
+  const int64_t at = nhwc_part(p, it, ch, &r);
+  k.normalize_nhwc(a.x + at, a.y + at, r, a.mean + it.c0, a.scale + it.c0, a.shift + it.c0,
+                   {a.relu, a.mask, at}, a.stream);
+}
+
+void apply_part(const kernel_table& k, const plan& p, const apply_args& a, const nhwc_item& it,
+                int64_t ch) {
+  region r;
+  const int64_t at = nhwc_part(p, it, ch, &r);
+  k.backward_apply_nhwc(a.x ? a.x + at : nullptr, a.dy + at, a.dx + at, r, a.mean + it.c0,
+                        a.a + it.c0, a.b + it.c0, a.c + it.c0, {a.mask, at}, a.stream);
 }
 
 // ---------------------------------------------------------------------------
@@ -487,17 +537,18 @@ void nchw_sums(const kernel_table& k, const plan& p, const float* x, const float
   }
 }
 
-// chunk: 2c doubles of scratch.
-void nhwc_slice_sums(const kernel_table& k, const plan& p, const float* x, const float* dy,
-                     const float* mean, const uint8_t* mask, int64_t slice, sums* acc,
-                     double* chunk) {
-  for (int64_t j = 0; j < p.c; ++j) acc[j] = {0, 0};
-  for (int64_t ch = slice_begin(p, slice); ch < slice_begin(p, slice + 1); ++ch) {
+// The sums of item it into acc[c0, c1). chunk: 2c doubles of scratch.
+void nhwc_item_sums(const kernel_table& k, const plan& p, const float* x, const float* dy,
+                    const float* mean, const uint8_t* mask, const nhwc_item& it, sums* acc,
+                    double* chunk) {
+  for (int64_t j = it.c0; j < it.c1; ++j) acc[j] = {0, 0};
+  for (int64_t ch = slice_begin(p, it.slice); ch < slice_begin(p, it.slice + 1); ++ch) {
     region r;
-    const int64_t at = nhwc_chunk(p, ch, &r);
-    prefetch_next_chunk(p, slice, ch, x, dy);
-    k.backward_reduce_nhwc(x + at, dy + at, r, mean, {mask, at}, chunk, chunk + p.c);
-    for (int64_t j = 0; j < p.c; ++j) {
+    const int64_t at = nhwc_part(p, it, ch, &r);
+    prefetch_next_chunk(p, it, ch, x, dy);
+    k.backward_reduce_nhwc(x + at, dy + at, r, mean + it.c0, {mask, at}, chunk + it.c0,
+                           chunk + p.c + it.c0);
+    for (int64_t j = it.c0; j < it.c1; ++j) {
       acc[j].dy += chunk[j];
       acc[j].dy_xmu += chunk[p.c + j];
     }
@@ -583,10 +634,13 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
   {
     const int t = omp_get_thread_num();
     if (p.nhwc) {
-      const slice_range r = nhwc_share(p, t, omp_get_num_threads());
-      for (int64_t s = r.begin; s < r.end; ++s)
-        nhwc_slice_moments(k, p, x, s, part.get() + s * p.c, scratch.result<moments>(t),
-                           scratch.work(t));
+      const nhwc_work work(p, nt);
+      const item_range r = work.share(t, omp_get_num_threads());
+      for (int64_t i = r.begin; i < r.end; ++i) {
+        const nhwc_item it = work.item(i);
+        nhwc_item_moments(k, p, x, it, part.get() + it.slice * p.c, scratch.result<moments>(t),
+                          scratch.work(t));
+      }
 #pragma omp barrier
     } else if (grouped(p)) {  // one slice
 #pragma omp for schedule(static)
@@ -618,10 +672,13 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
   {
     const int t = omp_get_thread_num();
     if (p.nhwc) {
-      const slice_range r = nhwc_share(p, t, omp_get_num_threads());
-      for (int64_t s = r.begin; s < r.end; ++s)
-        nhwc_slice_sums(k, p, x, dy, mean, mask, s, part.get() + s * p.c,
-                        scratch.result<double>(t));
+      const nhwc_work work(p, nt);
+      const item_range r = work.share(t, omp_get_num_threads());
+      for (int64_t i = r.begin; i < r.end; ++i) {
+        const nhwc_item it = work.item(i);
+        nhwc_item_sums(k, p, x, dy, mean, mask, it, part.get() + it.slice * p.c,
+                       scratch.result<double>(t));
+      }
 #pragma omp barrier
     } else if (grouped(p)) {  // one slice
 #pragma omp for schedule(static)
@@ -648,29 +705,38 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
 }
 
 // The elementwise passes. NHWC: each thread takes the chunks of the same
-// slices it reduced (nhwc_share) and walks them backwards, so that it first
-// rereads what the reduction read last, which is still in cache when the
-// tensor is larger than the cache. NCHW: items in memory order.
-template <class Item>
-void elementwise_phase(const plan& p, int nt, Item item) {
+// items it reduced (nhwc_work::share) and walks them backwards, so that it
+// first rereads what the reduction read last, which is still in cache when
+// the tensor is larger than the cache. NCHW: runs in memory order.
+template <class Run, class Part>
+void elementwise_phase(const plan& p, int nt, Run run, Part part) {
   if (!p.nhwc) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (int64_t i = 0; i < elementwise_items(p); ++i) item(i);
+    for (int64_t i = 0; i < elementwise_items(p); ++i) run(i);
     return;
   }
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    const slice_range r = nhwc_share(p, omp_get_thread_num(), omp_get_num_threads());
-    for (int64_t ch = slice_begin(p, r.end) - 1; ch >= slice_begin(p, r.begin); --ch) item(ch);
+    const nhwc_work work(p, nt);
+    const item_range r = work.share(omp_get_thread_num(), omp_get_num_threads());
+    for (int64_t i = r.end - 1; i >= r.begin; --i) {
+      const nhwc_item it = work.item(i);
+      for (int64_t ch = slice_begin(p, it.slice + 1) - 1; ch >= slice_begin(p, it.slice); --ch)
+        part(it, ch);
+    }
   }
 }
 
 void normalize_phase(const kernel_table& k, const plan& p, const normalize_args& args, int nt) {
-  elementwise_phase(p, nt, [&](int64_t i) { normalize_item(k, p, args, i); });
+  elementwise_phase(
+      p, nt, [&](int64_t i) { normalize_item(k, p, args, i); },
+      [&](const nhwc_item& it, int64_t ch) { normalize_part(k, p, args, it, ch); });
 }
 
 void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, int nt) {
-  elementwise_phase(p, nt, [&](int64_t i) { apply_item(k, p, args, i); });
+  elementwise_phase(
+      p, nt, [&](int64_t i) { apply_item(k, p, args, i); },
+      [&](const nhwc_item& it, int64_t ch) { apply_part(k, p, args, it, ch); });
 }
 
 // NCHW with enough channels: each thread takes blocks of whole channels and

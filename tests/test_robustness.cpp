@@ -385,13 +385,15 @@ struct OmpThreadsGuard {
 
 // Every output bitwise identical for any thread count and across repeated runs: awkward shapes
 // (prime sizes; fewer channels than threads with a long reduction; many more channels than
-// threads), both layouts.
+// threads; NHWC with too few row chunks for the threads, which then split the columns, with C
+// not a multiple of 8 so that threads share mask bytes), both layouts.
 TEST(Robustness, DeterministicAcrossThreadCounts) {
   OmpThreadsGuard guard;
   const int threads[] = {1, 2, 3, 4, 7, 16, 64};
   struct {
     int64_t n, c, s;
-  } shapes[] = {{1, 3, (1 << 18) + 7}, {2, 1, 300007}, {2, 1031, 17}, {3, 5, 33}, {997, 3, 1}};
+  } shapes[] = {{1, 3, (1 << 18) + 7}, {2, 1, 300007}, {2, 1031, 17}, {3, 5, 33}, {997, 3, 1},
+                  {3, 1500, 23}, {5, 333, 113}};
   std::printf("bnorm_isa() = %s\n", bnorm_isa());
   int k = 0;
   for (bnorm_layout layout : kLayouts)
