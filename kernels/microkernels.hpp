@@ -528,33 +528,50 @@ inline simd::vfloat<A> load_dy(const float* dy, int64_t n, relu_bits_in relu_in,
   return xsimd::select(from_bits<A>(load_bits(relu_in.bits, index, static_cast<int>(n))), g, V(0.f));
 }
 
+// sum(dy) and sum(dy * (x - mean)) of one NCHW channel's region, per lane.
+template <class A>
+struct lane_sums {
+  simd::vfloat<A> dy, dy_xmu;
+};
+
+template <class A>
+lane_sums<A> channel_sums(const float* x, const float* dy, region r, float mean,
+                          relu_bits_in relu_in) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const int64_t tail = r.cols % W, body = r.cols - tail;
+  const V vm(mean);
+  V s0[2] = {V(0.f), V(0.f)}, s1[2] = {V(0.f), V(0.f)};
+  // n values at x + at, dy + at into accumulator pair K (a constant, so
+  // that the accumulators stay in registers).
+  auto add = [&](auto K, int64_t at, int64_t n) {
+    const V g = load_dy<A>(dy + at, n, relu_in, relu_in.index + at);
+    const V xm = n == W ? V::load_unaligned(x + at) - vm
+                        : simd::keep_first<A>(simd::load_first<A>(x + at, n) - vm, n);
+    s0[K] += g;
+    s1[K] = madd(g, xm, s1[K]);
+  };
+  const std::integral_constant<int, 0> first;
+  const std::integral_constant<int, 1> second;
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const int64_t at = i * r.stride;
+    int64_t c = 0;
+    for (; c + 2 * W <= body; c += 2 * W) {
+      add(first, at + c, W);
+      add(second, at + c + W, W);
+    }
+    if (c < body) add(first, at + c, W);
+    if (tail) add(second, at + body, tail);  // masked: inactive lanes add 0
+  }
+  return {s0[0] + s0[1], s1[0] + s1[1]};
+}
+
 template <class A>
 void backward_reduce_nchw(const float* x, const float* dy, region r, float mean,
                           relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu) {
-  using V = simd::vfloat<A>;
-  constexpr int64_t W = V::size;
-  const V vm(mean), zero(0.f);
-  V s0[2] = {zero, zero}, s1[2] = {zero, zero};
-  for (int64_t i = 0; i < r.rows; ++i) {
-    const float* xr = x + i * r.stride;
-    const float* gr = dy + i * r.stride;
-    const int64_t index = relu_in.index + i * r.stride;
-    int64_t j = 0;
-    for (; j + W <= r.cols; j += W) {
-      const V g = load_dy<A>(gr + j, W, relu_in, index + j);
-      const int k = static_cast<int>((j / W) & 1);
-      s0[k] += g;
-      s1[k] = madd(g, V::load_unaligned(xr + j) - vm, s1[k]);
-    }
-    if (j < r.cols) {  // masked tail: inactive lanes add 0
-      const int64_t n = r.cols - j;
-      const V g = load_dy<A>(gr + j, n, relu_in, index + j);
-      s0[1] += g;
-      s1[1] = madd(g, simd::keep_first<A>(simd::load_first<A>(xr + j, n) - vm, n), s1[1]);
-    }
-  }
-  *sum_dy = static_cast<double>(xsimd::hadd(s0[0] + s0[1]));
-  *sum_dy_xmu = static_cast<double>(xsimd::hadd(s1[0] + s1[1]));
+  const lane_sums<A> s = channel_sums<A>(x, dy, r, mean, relu_in);
+  *sum_dy = static_cast<double>(xsimd::hadd(s.dy));
+  *sum_dy_xmu = static_cast<double>(xsimd::hadd(s.dy_xmu));
   if (!std::isfinite(*sum_dy) || !std::isfinite(*sum_dy_xmu))
     backward_reduce_double<A>(x, dy, r, mean, relu_in, sum_dy, sum_dy_xmu);
 }
@@ -566,36 +583,15 @@ void backward_reduce_nchw_group(const float* x, const float* dy, region r, int64
                                 double* sum_dy, double* sum_dy_xmu) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
-  const int64_t tail = r.cols % W, body = r.cols - tail;
   V part0[W], part1[W];
   for (int64_t j = 0; j < W; ++j) {
     part0[j] = part1[j] = V(0.f);
     if (j >= channels) continue;
-    const V vm(mean[j]);
-    V s0[2] = {V(0.f), V(0.f)}, s1[2] = {V(0.f), V(0.f)};
-    // n values at x + at, dy + at into accumulator pair K (a constant, so
-    // that the accumulators stay in registers).
-    auto add = [&](auto K, int64_t at, int64_t n) {
-      const V g = load_dy<A>(dy + at, n, relu_in, relu_in.index + at);
-      const V xm = n == W ? V::load_unaligned(x + at) - vm
-                          : simd::keep_first<A>(simd::load_first<A>(x + at, n) - vm, n);
-      s0[K] += g;
-      s1[K] = madd(g, xm, s1[K]);
-    };
-    const std::integral_constant<int, 0> first;
-    const std::integral_constant<int, 1> second;
-    for (int64_t i = 0; i < r.rows; ++i) {
-      const int64_t at = j * channel_stride + i * r.stride;
-      int64_t c = 0;
-      for (; c + 2 * W <= body; c += 2 * W) {
-        add(first, at + c, W);
-        add(second, at + c + W, W);
-      }
-      if (c < body) add(first, at + c, W);
-      if (tail) add(second, at + body, tail);
-    }
-    part0[j] = s0[0] + s0[1];
-    part1[j] = s1[0] + s1[1];
+    const int64_t at = j * channel_stride;
+    const lane_sums<A> s =
+        channel_sums<A>(x + at, dy + at, r, mean[j], {relu_in.bits, relu_in.index + at});
+    part0[j] = s.dy;
+    part1[j] = s.dy_xmu;
   }
   alignas(64) float a0[W], a1[W];
   simd::haddp<A>(part0).store_aligned(a0);
