@@ -207,12 +207,39 @@ void moments_nchw_group(const float* x, region r, int64_t channels, int64_t chan
   }
 }
 
+// NHWC rows of many channels are far apart (2 KiB and more from C = 512),
+// and the hardware prefetchers, which follow streams within a 4 KiB page,
+// fetch little of the 256 bytes per row that a column group reads. So the
+// NHWC reductions, on each row of a column group, ask for the next group's
+// part of that row (Q vectors further on) to be brought into L2: the next
+// group then arrives while this one is reduced.
+constexpr int64_t kPrefetchGroupsFrom = 512;  // row stride in floats
+
+// Calls pass(std::true_type) if the group at column j0 should prefetch the
+// next one, else pass(std::false_type): two loops, no test per row.
+template <class A, int Q, class Pass>
+inline void with_prefetch(region r, int64_t j0, Pass pass) {
+  constexpr int64_t W = simd::vfloat<A>::size;
+  if (r.stride >= kPrefetchGroupsFrom && j0 + 2 * Q * W <= r.cols) {
+    pass(std::true_type{});
+  } else {
+    pass(std::false_type{});
+  }
+}
+
+// The next group's part of the row whose group starts at `at`.
+template <class A, int Q>
+inline void prefetch_group(const float* at) {
+  constexpr int64_t W = simd::vfloat<A>::size;
+  for (int64_t b = 0; b < Q * W; b += 16) __builtin_prefetch(at + Q * W + b, 0, 2);
+}
+
 // NHWC: the same two passes, down the columns, Q vectors of adjacent
 // channels at a time with their accumulators in registers: each channel is
 // one vector lane (or, in the tail, the same operations in scalar), so its
 // result does not depend on which group it falls in. The region is a chunk
-// of whole rows; its rows x C floats are in L2 (the operator prefetches
-// the next chunk).
+// of whole rows; the operator prefetches the next chunk if it is small,
+// and every group the next group (above).
 //
 // With a shift per channel (the previous chunk's means), one pass first:
 // sums of d = x - shift and d^2 give mean = shift + sum(d)/n and
@@ -235,12 +262,16 @@ bool moments_columns_shifted(const float* x, region r, int64_t j0, const float* 
     k[q] = V::load_unaligned(shift + j0 + q * W);
     d1[q] = d2[q] = V(0.f);
   }
-  for (int64_t i = 0; i < r.rows; ++i)
-    for (int q = 0; q < Q; ++q) {
-      const V d = V::load_unaligned(x + i * r.stride + j0 + q * W) - k[q];
-      d1[q] += d;
-      d2[q] = madd(d, d, d2[q]);
+  with_prefetch<A, Q>(r, j0, [&](auto ahead) {
+    for (int64_t i = 0; i < r.rows; ++i) {
+      if (ahead) prefetch_group<A, Q>(x + i * r.stride + j0);
+      for (int q = 0; q < Q; ++q) {
+        const V d = V::load_unaligned(x + i * r.stride + j0 + q * W) - k[q];
+        d1[q] += d;
+        d2[q] = madd(d, d, d2[q]);
+      }
     }
+  });
   // Finite sums (no inf or NaN in the data, no overflow) with the shift
   // within sigma/sqrt(7) of the mean, in every lane; false for NaN.
   const V largest(std::numeric_limits<float>::max());
@@ -270,8 +301,12 @@ void moments_columns(const float* x, region r, int64_t j0, const float* shift, m
     x0[q] = V::load_unaligned(x + j0 + q * W);
     s[q] = d1[q] = d2[q] = V(0.f);
   }
-  for (int64_t i = 0; i < r.rows; ++i)
-    for (int q = 0; q < Q; ++q) s[q] += V::load_unaligned(x + i * r.stride + j0 + q * W) - x0[q];
+  with_prefetch<A, Q>(r, j0, [&](auto ahead) {
+    for (int64_t i = 0; i < r.rows; ++i) {
+      if (ahead) prefetch_group<A, Q>(x + i * r.stride + j0);
+      for (int q = 0; q < Q; ++q) s[q] += V::load_unaligned(x + i * r.stride + j0 + q * W) - x0[q];
+    }
+  });
   for (int q = 0; q < Q; ++q) m[q] = x0[q] + s[q] / n;
   for (int64_t i = 0; i < r.rows; ++i)
     for (int q = 0; q < Q; ++q) {
@@ -619,16 +654,23 @@ void backward_reduce_columns(const float* x, const float* dy, region r, int64_t 
     vm[q] = V::load_unaligned(mean + j0 + q * W);
     s0[q] = s1[q] = zero;
   }
-  for (int64_t i = 0; i < r.rows; ++i) {
-    const int64_t at = i * r.stride + j0;
-    for (int q = 0; q < Q; ++q) {
-      V g = V::load_unaligned(dy + at + q * W);
-      if (relu_in.bits)
-        g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, relu_in.index + at + q * W, W)), g, zero);
-      s0[q] += g;
-      s1[q] = madd(g, V::load_unaligned(x + at + q * W) - vm[q], s1[q]);
+  with_prefetch<A, Q>(r, j0, [&](auto ahead) {
+    for (int64_t i = 0; i < r.rows; ++i) {
+      const int64_t at = i * r.stride + j0;
+      if (ahead) {
+        prefetch_group<A, Q>(x + at);
+        prefetch_group<A, Q>(dy + at);
+      }
+      for (int q = 0; q < Q; ++q) {
+        V g = V::load_unaligned(dy + at + q * W);
+        if (relu_in.bits)
+          g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, relu_in.index + at + q * W, W)),
+                            g, zero);
+        s0[q] += g;
+        s1[q] = madd(g, V::load_unaligned(x + at + q * W) - vm[q], s1[q]);
+      }
     }
-  }
+  });
   alignas(64) float a0[Q * W], a1[Q * W];
   for (int q = 0; q < Q; ++q) {
     s0[q].store_aligned(a0 + q * W);
