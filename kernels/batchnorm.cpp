@@ -372,6 +372,7 @@ void nhwc_item_moments(const kernel_table& k, const plan& p, const float* x, con
     const bool first = ch == slice_begin(p, it.slice);
     k.moments_nhwc(x + at, r, first ? nullptr : shift + it.c0, chunk + it.c0);
     merge_same_count(acc + it.c0, chunk + it.c0, r.cols, static_cast<double>(r.rows));
+    if (ch + 1 == slice_begin(p, it.slice + 1)) break;  // no next chunk to shift
     for (int64_t j = it.c0; j < it.c1; ++j) shift[j] = static_cast<float>(chunk[j].mean);
   }
 }
@@ -626,10 +627,14 @@ struct nhwc_scratch {
   }
 };
 
+// With a single slice the partial results are the results (merging one
+// set into nothing copies it), so they go to `out` directly.
 bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt, partial* out) {
-  auto part = allocate<partial>(p.slices * p.c);
+  std::unique_ptr<partial[]> slices;
+  if (p.slices > 1 && !(slices = allocate<partial>(p.slices * p.c))) return false;
+  partial* const part = p.slices > 1 ? slices.get() : out;
   nhwc_scratch scratch;
-  if (!part || !scratch.allocate_for(p, nt, sizeof(moments), 1)) return false;
+  if (!scratch.allocate_for(p, nt, sizeof(moments), 1)) return false;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num();
@@ -638,7 +643,7 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
       const item_range r = work.share(t, omp_get_num_threads());
       for (int64_t i = r.begin; i < r.end; ++i) {
         const nhwc_item it = work.item(i);
-        nhwc_item_moments(k, p, x, it, part.get() + it.slice * p.c, scratch.result<moments>(t),
+        nhwc_item_moments(k, p, x, it, part + it.slice * p.c, scratch.result<moments>(t),
                           scratch.work(t));
       }
 #pragma omp barrier
@@ -654,10 +659,12 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
         part[s * p.c + c] = nchw_slice_moments(k, p, x + c * p.spatial, s);
       }
     }
+    if (p.slices > 1) {
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < p.c; ++c) {
-      out[c] = {{0, 0}, 0};
-      for (int64_t s = 0; s < p.slices; ++s) merge(out[c], part[s * p.c + c].m, part[s * p.c + c].n);
+      for (int64_t c = 0; c < p.c; ++c) {
+        out[c] = {{0, 0}, 0};
+        for (int64_t s = 0; s < p.slices; ++s) merge(out[c], part[s * p.c + c].m, part[s * p.c + c].n);
+      }
     }
   }
   return true;
@@ -665,9 +672,11 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
 
 bool sums_phase(const kernel_table& k, const plan& p, const float* x, const float* dy,
                 const float* mean, const uint8_t* mask, int nt, sums* out) {
-  auto part = allocate<sums>(p.slices * p.c);
+  std::unique_ptr<sums[]> slices;  // as in moments_phase
+  if (p.slices > 1 && !(slices = allocate<sums>(p.slices * p.c))) return false;
+  sums* const part = p.slices > 1 ? slices.get() : out;
   nhwc_scratch scratch;
-  if (!part || !scratch.allocate_for(p, nt, 2 * sizeof(double), 0)) return false;
+  if (!scratch.allocate_for(p, nt, 2 * sizeof(double), 0)) return false;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num();
@@ -676,7 +685,7 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
       const item_range r = work.share(t, omp_get_num_threads());
       for (int64_t i = r.begin; i < r.end; ++i) {
         const nhwc_item it = work.item(i);
-        nhwc_item_sums(k, p, x, dy, mean, mask, it, part.get() + it.slice * p.c,
+        nhwc_item_sums(k, p, x, dy, mean, mask, it, part + it.slice * p.c,
                        scratch.result<double>(t));
       }
 #pragma omp barrier
@@ -692,12 +701,14 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
         part[s * p.c + c] = nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s);
       }
     }
+    if (p.slices > 1) {
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < p.c; ++c) {
-      out[c] = {0, 0};
-      for (int64_t s = 0; s < p.slices; ++s) {
-        out[c].dy += part[s * p.c + c].dy;
-        out[c].dy_xmu += part[s * p.c + c].dy_xmu;
+      for (int64_t c = 0; c < p.c; ++c) {
+        out[c] = {0, 0};
+        for (int64_t s = 0; s < p.slices; ++s) {
+          out[c].dy += part[s * p.c + c].dy;
+          out[c].dy_xmu += part[s * p.c + c].dy_xmu;
+        }
       }
     }
   }
