@@ -627,14 +627,25 @@ struct nhwc_scratch {
   }
 };
 
-// With a single slice the partial results are the results (merging one
-// set into nothing copies it), so they go to `out` directly.
-bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt, partial* out) {
-  std::unique_ptr<partial[]> slices;
-  if (p.slices > 1 && !(slices = allocate<partial>(p.slices * p.c))) return false;
-  partial* const part = p.slices > 1 ? slices.get() : out;
+// The skeleton both reductions share: the work split three ways (NHWC
+// items, grouped NCHW channels, NCHW channel slices), partial results per
+// slice, then the slices merged in order into out[c] (which starts at R{}).
+// With a single slice the partial results are the results (merging one set
+// into nothing copies it), so they go to `out` directly.
+//   item(it, part, scratch, t): NHWC item it into part[c0, c1), the slice's row
+//   group(c0, c1, done): grouped NCHW channels, done(c, result)
+//   slice(c, s): slice s of NCHW channel c
+//   merge(acc, result): adds one slice's result
+// result_bytes, work_floats: per-channel NHWC scratch (see nhwc_scratch).
+template <class R, class Item, class Group, class Slice, class Merge>
+bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t result_bytes,
+                     int64_t work_floats, R* out, Item item, Group group, Slice slice,
+                     Merge merge) {
+  std::unique_ptr<R[]> slices;
+  if (p.slices > 1 && !(slices = allocate<R>(p.slices * p.c))) return false;
+  R* const part = p.slices > 1 ? slices.get() : out;
   nhwc_scratch scratch;
-  if (!scratch.allocate_for(p, nt, sizeof(moments), 1)) return false;
+  if (!scratch.allocate_for(p, nt, result_bytes, work_floats)) return false;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num();
@@ -643,76 +654,56 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
       const item_range r = work.share(t, omp_get_num_threads());
       for (int64_t i = r.begin; i < r.end; ++i) {
         const nhwc_item it = work.item(i);
-        nhwc_item_moments(k, p, x, it, part + it.slice * p.c, scratch.result<moments>(t),
-                          scratch.work(t));
+        item(it, part + it.slice * p.c, scratch, t);
       }
 #pragma omp barrier
     } else if (grouped(p)) {  // one slice
 #pragma omp for schedule(static)
       for (int64_t g = 0; g < groups(k, p); ++g)
-        nchw_moments(k, p, x, g * k.width, std::min(p.c, (g + 1) * k.width),
-                     [&](int64_t c, const partial& m) { part[c] = m; });
+        group(g * k.width, std::min(p.c, (g + 1) * k.width),
+              [&](int64_t c, const R& result) { part[c] = result; });
     } else {
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < p.c * p.slices; ++i) {
         const int64_t c = i / p.slices, s = i % p.slices;
-        part[s * p.c + c] = nchw_slice_moments(k, p, x + c * p.spatial, s);
+        part[s * p.c + c] = slice(c, s);
       }
     }
     if (p.slices > 1) {
 #pragma omp for schedule(static)
       for (int64_t c = 0; c < p.c; ++c) {
-        out[c] = {{0, 0}, 0};
-        for (int64_t s = 0; s < p.slices; ++s) merge(out[c], part[s * p.c + c].m, part[s * p.c + c].n);
+        out[c] = R{};
+        for (int64_t s = 0; s < p.slices; ++s) merge(out[c], part[s * p.c + c]);
       }
     }
   }
   return true;
 }
 
+bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt, partial* out) {
+  return reduction_phase<partial>(
+      k, p, nt, sizeof(moments), 1, out,
+      [&](const nhwc_item& it, partial* part, const nhwc_scratch& scratch, int t) {
+        nhwc_item_moments(k, p, x, it, part, scratch.result<moments>(t), scratch.work(t));
+      },
+      [&](int64_t c0, int64_t c1, auto done) { nchw_moments(k, p, x, c0, c1, done); },
+      [&](int64_t c, int64_t s) { return nchw_slice_moments(k, p, x + c * p.spatial, s); },
+      [](partial& acc, const partial& m) { merge(acc, m.m, m.n); });
+}
+
 bool sums_phase(const kernel_table& k, const plan& p, const float* x, const float* dy,
                 const float* mean, const uint8_t* mask, int nt, sums* out) {
-  std::unique_ptr<sums[]> slices;  // as in moments_phase
-  if (p.slices > 1 && !(slices = allocate<sums>(p.slices * p.c))) return false;
-  sums* const part = p.slices > 1 ? slices.get() : out;
-  nhwc_scratch scratch;
-  if (!scratch.allocate_for(p, nt, 2 * sizeof(double), 0)) return false;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const int t = omp_get_thread_num();
-    if (p.nhwc) {
-      const nhwc_work work(p, nt);
-      const item_range r = work.share(t, omp_get_num_threads());
-      for (int64_t i = r.begin; i < r.end; ++i) {
-        const nhwc_item it = work.item(i);
-        nhwc_item_sums(k, p, x, dy, mean, mask, it, part + it.slice * p.c,
-                       scratch.result<double>(t));
-      }
-#pragma omp barrier
-    } else if (grouped(p)) {  // one slice
-#pragma omp for schedule(static)
-      for (int64_t g = 0; g < groups(k, p); ++g)
-        nchw_sums(k, p, x, dy, mean, mask, g * k.width, std::min(p.c, (g + 1) * k.width),
-                  [&](int64_t c, const sums& s) { part[c] = s; });
-    } else {
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < p.c * p.slices; ++i) {
-        const int64_t c = i / p.slices, s = i % p.slices;
-        part[s * p.c + c] = nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s);
-      }
-    }
-    if (p.slices > 1) {
-#pragma omp for schedule(static)
-      for (int64_t c = 0; c < p.c; ++c) {
-        out[c] = {0, 0};
-        for (int64_t s = 0; s < p.slices; ++s) {
-          out[c].dy += part[s * p.c + c].dy;
-          out[c].dy_xmu += part[s * p.c + c].dy_xmu;
-        }
-      }
-    }
-  }
-  return true;
+  return reduction_phase<sums>(
+      k, p, nt, 2 * sizeof(double), 0, out,
+      [&](const nhwc_item& it, sums* part, const nhwc_scratch& scratch, int t) {
+        nhwc_item_sums(k, p, x, dy, mean, mask, it, part, scratch.result<double>(t));
+      },
+      [&](int64_t c0, int64_t c1, auto done) { nchw_sums(k, p, x, dy, mean, mask, c0, c1, done); },
+      [&](int64_t c, int64_t s) { return nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s); },
+      [](sums& acc, const sums& part) {
+        acc.dy += part.dy;
+        acc.dy_xmu += part.dy_xmu;
+      });
 }
 
 // The elementwise passes. NHWC: each thread takes the chunks of the same
