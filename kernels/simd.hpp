@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <xsimd/xsimd.hpp>
@@ -162,10 +163,10 @@ inline uint32_t load_bits(const uint8_t* mask, int64_t pos, int k) {
 }
 
 // Writes the mask bits of one run of consecutive elements, in order. Bytes
-// wholly inside the run are plain stores; the first and last byte may be
-// shared with a neighbouring run (another channel, perhaps on another
-// thread), so there only our bits are changed, atomically. A null mask
-// makes it a no-op (ReLU without a mask: inference).
+// wholly inside the run are plain stores, four at a time; the first and last
+// byte may be shared with a neighbouring run (another channel, perhaps on
+// another thread), so there only our bits are changed, atomically. A null
+// mask makes it a no-op (ReLU without a mask: inference).
 class bit_writer {
  public:
   bit_writer(uint8_t* mask, int64_t index)
@@ -178,28 +179,36 @@ class bit_writer {
     if (!byte_) return;
     acc_ |= static_cast<uint64_t>(bits) << pending_;
     pending_ += k;
-    while (pending_ >= 8) {
-      emit(static_cast<uint8_t>(acc_), 0xFFu & ~((1u << lead_) - 1u));
-      acc_ >>= 8;
-      pending_ -= 8;
-      lead_ = 0;
-      ++byte_;
+    if (pending_ >= 32) {
+      const uint32_t word = static_cast<uint32_t>(acc_);
+      if (lead_ == 0) {
+        std::memcpy(byte_, &word, 4);
+      } else {  // once, at the start of a run that begins inside a byte
+        emit(byte_, static_cast<uint8_t>(word), 0xFFu & ~((1u << lead_) - 1u));
+        std::memcpy(byte_ + 1, reinterpret_cast<const uint8_t*>(&word) + 1, 3);
+        lead_ = 0;
+      }
+      acc_ >>= 32;
+      pending_ -= 32;
+      byte_ += 4;
     }
   }
 
   void finish() {
-    if (byte_ && pending_ > lead_) {
-      emit(static_cast<uint8_t>(acc_), ((1u << pending_) - 1u) & ~((1u << lead_) - 1u));
-    }
+    if (!byte_) return;
+    for (; pending_ >= 8; pending_ -= 8, acc_ >>= 8, ++byte_, lead_ = 0)
+      emit(byte_, static_cast<uint8_t>(acc_), 0xFFu & ~((1u << lead_) - 1u));
+    if (pending_ > lead_)
+      emit(byte_, static_cast<uint8_t>(acc_), ((1u << pending_) - 1u) & ~((1u << lead_) - 1u));
   }
 
  private:
-  void emit(uint8_t value, unsigned ours) {
+  static void emit(uint8_t* byte, uint8_t value, unsigned ours) {
     if (ours == 0xFFu) {
-      *byte_ = value;
+      *byte = value;
     } else {
-      __atomic_fetch_and(byte_, static_cast<uint8_t>(~ours), __ATOMIC_RELAXED);
-      __atomic_fetch_or(byte_, static_cast<uint8_t>(value & ours), __ATOMIC_RELAXED);
+      __atomic_fetch_and(byte, static_cast<uint8_t>(~ours), __ATOMIC_RELAXED);
+      __atomic_fetch_or(byte, static_cast<uint8_t>(value & ours), __ATOMIC_RELAXED);
     }
   }
 
