@@ -251,12 +251,38 @@ inline void prefetch_group(const float* at) {
 // Otherwise the group is done again with the two passes from its first row.
 // A single pass keeps the core asking memory for data instead of
 // re-reading L1 while the bus idles.
+// The moments of Q vectors of channels from j0 on, from the sums d1 of
+// d = x - shift and d2 of d^2 over `rows` rows, if the test above passes in
+// every lane; else false, and nothing is written.
+template <class A, int Q>
+bool shifted_moments(int64_t rows, int64_t j0, const float* shift, const simd::vfloat<A>* d1,
+                     const simd::vfloat<A>* d2, moments* out) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const V n(static_cast<float>(rows));
+  // Finite sums (no inf or NaN in the data, no overflow) with the shift
+  // within sigma/sqrt(7) of the mean, in every lane; false for NaN.
+  const V largest(std::numeric_limits<float>::max());
+  for (int q = 0; q < Q; ++q)
+    if (!xsimd::all(V(8.f) * (d1[q] * d1[q]) <= n * d2[q]) || !xsimd::all(d2[q] <= largest))
+      return false;
+  alignas(64) float s1[Q * W], s2[Q * W];
+  for (int q = 0; q < Q; ++q) {
+    d1[q].store_aligned(s1 + q * W);
+    d2[q].store_aligned(s2 + q * W);
+  }
+  const double count = static_cast<double>(rows);
+  for (int64_t j = 0; j < Q * W; ++j)
+    out[j0 + j] = {shift[j0 + j] + s1[j] / count,
+                   std::max(0.0, s2[j] - static_cast<double>(s1[j]) * s1[j] / count)};
+  return true;
+}
+
 template <class A, int Q>
 bool moments_columns_shifted(const float* x, region r, int64_t j0, const float* shift,
                              moments* out) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
-  const V n(static_cast<float>(r.rows));
   V k[Q], d1[Q], d2[Q];
   for (int q = 0; q < Q; ++q) {
     k[q] = V::load_unaligned(shift + j0 + q * W);
@@ -272,22 +298,23 @@ bool moments_columns_shifted(const float* x, region r, int64_t j0, const float* 
       }
     }
   });
-  // Finite sums (no inf or NaN in the data, no overflow) with the shift
-  // within sigma/sqrt(7) of the mean, in every lane; false for NaN.
-  const V largest(std::numeric_limits<float>::max());
-  for (int q = 0; q < Q; ++q)
-    if (!xsimd::all(V(8.f) * (d1[q] * d1[q]) <= n * d2[q]) || !xsimd::all(d2[q] <= largest))
-      return false;
-  alignas(64) float s1[Q * W], s2[Q * W];
-  for (int q = 0; q < Q; ++q) {
-    d1[q].store_aligned(s1 + q * W);
-    d2[q].store_aligned(s2 + q * W);
-  }
+  return shifted_moments<A, Q>(r.rows, j0, shift, d1, d2, out);
+}
+
+// The moments of the `cols` channels from j0 on, from their second pass:
+// mean m, the sums s1 of d = x - m and s2 of d^2 (inf or NaN: again in double).
+template <class A>
+void two_pass_moments(const float* x, region r, int64_t j0, int64_t cols, const float* m,
+                      const float* s1, const float* s2, moments* out) {
   const double count = static_cast<double>(r.rows);
-  for (int64_t j = 0; j < Q * W; ++j)
-    out[j0 + j] = {shift[j0 + j] + s1[j] / count,
-                   std::max(0.0, s2[j] - static_cast<double>(s1[j]) * s1[j] / count)};
-  return true;
+  for (int64_t k = 0; k < cols; ++k) {
+    if (std::isfinite(s1[k]) && std::isfinite(s2[k])) {
+      out[j0 + k] = {m[k] + s1[k] / count,
+                     std::max(0.0, s2[k] - static_cast<double>(s1[k]) * s1[k] / count)};
+    } else {
+      out[j0 + k] = moments_double<A>(x + j0 + k, {r.rows, 1, r.stride});
+    }
+  }
 }
 
 template <class A, int Q>
@@ -320,21 +347,115 @@ void moments_columns(const float* x, region r, int64_t j0, const float* shift, m
     d1[q].store_aligned(s1 + q * W);
     d2[q].store_aligned(s2 + q * W);
   }
-  const double count = static_cast<double>(r.rows);
-  for (int64_t k = 0; k < Q * W; ++k) {
-    if (std::isfinite(s1[k]) && std::isfinite(s2[k])) {
-      out[j0 + k] = {mv[k] + s1[k] / count,
-                     std::max(0.0, s2[k] - static_cast<double>(s1[k]) * s1[k] / count)};
-    } else {
-      out[j0 + k] = moments_double<A>(x + j0 + k, {r.rows, 1, r.stride});
-    }
+  two_pass_moments<A>(x, r, j0, Q * W, mv, s1, s2, out);
+}
+
+// NHWC rows of many channels (kStreamRowsFrom and more) are reduced in
+// memory order instead: a block of up to kStreamBlock channels keeps its
+// accumulators in L1 (on the stack) and takes the rows four at a time, so
+// memory sees whole rows, as in a copy. A column group's 256 bytes per row
+// 8 KiB apart (C = 2048) ran at a third of a read's speed even from L3. Each
+// channel gets the same operations in the same order as in a column group,
+// so the results are bitwise the same.
+constexpr int64_t kStreamRowsFrom = 512;
+constexpr int64_t kStreamBlock = 512;
+
+// Calls add(i, j, u) for the vectors at columns j (a multiple of W in
+// [c0, c1)) of rows i..i+u-1, u <= 4, in row order for every j.
+template <class A, class Add>
+inline void stream_rows(region r, int64_t c0, int64_t c1, Add add) {
+  constexpr int64_t W = simd::vfloat<A>::size;
+  int64_t i = 0;
+  for (; i + 4 <= r.rows; i += 4)
+    for (int64_t j = c0; j < c1; j += W) add(i, j, std::integral_constant<int, 4>{});
+  for (; i < r.rows; ++i)
+    for (int64_t j = c0; j < c1; j += W) add(i, j, std::integral_constant<int, 1>{});
+}
+
+// moments_columns_shifted for the groups of 4 W channels in [c0, c1), c1 - c0
+// <= kStreamBlock, rows in memory order; a group whose shift is too far off
+// gets the two passes.
+template <class A>
+void moments_rows_shifted(const float* x, region r, int64_t c0, int64_t c1, const float* shift,
+                          moments* out) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  alignas(64) float s1[kStreamBlock], s2[kStreamBlock];
+  for (int64_t j = 0; j < c1 - c0; j += W) {
+    V(0.f).store_aligned(s1 + j);
+    V(0.f).store_aligned(s2 + j);
   }
+  stream_rows<A>(r, c0, c1, [&](int64_t i, int64_t j, auto rows) {
+    const V k = V::load_unaligned(shift + j);
+    V d1 = V::load_aligned(s1 + j - c0), d2 = V::load_aligned(s2 + j - c0);
+    for (int u = 0; u < decltype(rows)::value; ++u) {
+      const V d = V::load_unaligned(x + (i + u) * r.stride + j) - k;
+      d1 += d;
+      d2 = madd(d, d, d2);
+    }
+    d1.store_aligned(s1 + j - c0);
+    d2.store_aligned(s2 + j - c0);
+  });
+  for (int64_t j0 = c0; j0 < c1; j0 += 4 * W) {
+    V d1[4], d2[4];
+    for (int q = 0; q < 4; ++q) {
+      d1[q] = V::load_aligned(s1 + j0 - c0 + q * W);
+      d2[q] = V::load_aligned(s2 + j0 - c0 + q * W);
+    }
+    if (!shifted_moments<A, 4>(r.rows, j0, shift, d1, d2, out))
+      moments_columns<A, 4>(x, r, j0, nullptr, out);
+  }
+}
+
+// moments_columns (two passes) for the channels [c0, c1), c1 - c0 <= kStreamBlock a
+// multiple of W, rows in memory order.
+template <class A>
+void moments_rows(const float* x, region r, int64_t c0, int64_t c1, moments* out) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const V n(static_cast<float>(r.rows));
+  alignas(64) float m[kStreamBlock], s1[kStreamBlock], s2[kStreamBlock];
+  for (int64_t j = 0; j < c1 - c0; j += W) V(0.f).store_aligned(s1 + j);
+  stream_rows<A>(r, c0, c1, [&](int64_t i, int64_t j, auto rows) {
+    const V x0 = V::load_unaligned(x + j);
+    V s = V::load_aligned(s1 + j - c0);
+    for (int u = 0; u < decltype(rows)::value; ++u)
+      s += V::load_unaligned(x + (i + u) * r.stride + j) - x0;
+    s.store_aligned(s1 + j - c0);
+  });
+  for (int64_t j = 0; j < c1 - c0; j += W) {
+    (V::load_unaligned(x + c0 + j) + V::load_aligned(s1 + j) / n).store_aligned(m + j);
+    V(0.f).store_aligned(s1 + j);
+    V(0.f).store_aligned(s2 + j);
+  }
+  stream_rows<A>(r, c0, c1, [&](int64_t i, int64_t j, auto rows) {
+    const V mean = V::load_aligned(m + j - c0);
+    V d1 = V::load_aligned(s1 + j - c0), d2 = V::load_aligned(s2 + j - c0);
+    for (int u = 0; u < decltype(rows)::value; ++u) {
+      const V d = V::load_unaligned(x + (i + u) * r.stride + j) - mean;
+      d1 += d;
+      d2 = madd(d, d, d2);
+    }
+    d1.store_aligned(s1 + j - c0);
+    d2.store_aligned(s2 + j - c0);
+  });
+  two_pass_moments<A>(x, r, c0, c1 - c0, m, s1, s2, out);
 }
 
 template <class A>
 void moments_nhwc(const float* x, region r, const float* shift, moments* out) {
   constexpr int64_t W = simd::vfloat<A>::size;
   int64_t j = 0;
+  if (r.stride >= kStreamRowsFrom) {
+    for (const int64_t end = r.cols / (4 * W) * (4 * W); j < end; j += kStreamBlock) {
+      const int64_t c1 = std::min(end, j + kStreamBlock);
+      if (shift)
+        moments_rows_shifted<A>(x, r, j, c1, shift, out);
+      else
+        moments_rows<A>(x, r, j, c1, out);
+    }
+    j = r.cols / (4 * W) * (4 * W);
+  }
   for (; j + 4 * W <= r.cols; j += 4 * W) moments_columns<A, 4>(x, r, j, shift, out);
   for (; j + W <= r.cols; j += W) moments_columns<A, 1>(x, r, j, shift, out);
   // Tail channels: the same operations as one vector lane, in scalar.
@@ -689,6 +810,22 @@ void backward_reduce_nchw_group(const float* x, const float* dy, region r, int64
 }
 
 // NHWC: as moments_nhwc, Q vectors of channels at a time in registers.
+// The sums of the `cols` channels from j0 on, from their float sums a0 of
+// dy and a1 of dy * (x - mean) (inf or NaN: again in double).
+template <class A>
+void backward_sums_out(const float* x, const float* dy, region r, int64_t j0, int64_t cols,
+                       const float* mean, relu_bits_in relu_in, const float* a0, const float* a1,
+                       double* sum_dy, double* sum_dy_xmu) {
+  for (int64_t k = 0; k < cols; ++k) {
+    sum_dy[j0 + k] = a0[k];
+    sum_dy_xmu[j0 + k] = a1[k];
+    if (!std::isfinite(a0[k]) || !std::isfinite(a1[k]))
+      backward_reduce_double<A>(x + j0 + k, dy + j0 + k, {r.rows, 1, r.stride}, mean[j0 + k],
+                                {relu_in.bits, relu_in.index + j0 + k}, sum_dy + j0 + k,
+                                sum_dy_xmu + j0 + k);
+  }
+}
+
 template <class A, int Q>
 void backward_reduce_columns(const float* x, const float* dy, region r, int64_t j0,
                              const float* mean, relu_bits_in relu_in, double* sum_dy,
@@ -723,20 +860,15 @@ void backward_reduce_columns(const float* x, const float* dy, region r, int64_t 
     s0[q].store_aligned(a0 + q * W);
     s1[q].store_aligned(a1 + q * W);
   }
-  for (int64_t k = 0; k < Q * W; ++k) {
-    sum_dy[j0 + k] = a0[k];
-    sum_dy_xmu[j0 + k] = a1[k];
-    if (!std::isfinite(a0[k]) || !std::isfinite(a1[k]))
-      backward_reduce_double<A>(x + j0 + k, dy + j0 + k, {r.rows, 1, r.stride}, mean[j0 + k],
-                                {relu_in.bits, relu_in.index + j0 + k}, sum_dy + j0 + k,
-                                sum_dy_xmu + j0 + k);
-  }
+  backward_sums_out<A>(x, dy, r, j0, Q * W, mean, relu_in, a0, a1, sum_dy, sum_dy_xmu);
 }
 
 template <class A>
 void backward_reduce_nhwc(const float* x, const float* dy, region r, const float* mean,
                           relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu) {
   constexpr int64_t W = simd::vfloat<A>::size;
+  // Rows in memory order, as moments_nhwc does for wide rows, measured
+  // slower here (two arrays: 128x512x49 +9%, 4096x1024 +8%).
   int64_t j = 0;
   for (; j + 4 * W <= r.cols; j += 4 * W)
     backward_reduce_columns<A, 4>(x, dy, r, j, mean, relu_in, sum_dy, sum_dy_xmu);
