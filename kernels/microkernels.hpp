@@ -479,12 +479,6 @@ void moments_nhwc(const float* x, region r, const float* shift, moments* out) {
   }
 }
 
-// ---------------------------------------------------------------------------
-// Normalize: y = (x - mean) * scale + shift. Subtracting first (rather than
-// x * scale + (shift - mean * scale)) keeps y exact where x == mean, so a
-// constant channel gives exactly `shift`, and costs nothing in a loop that
-// waits for memory. ReLU keeps NaN (select on y <= 0, false for NaN).
-
 
 // ---------------------------------------------------------------------------
 // Normalize: y = (x - mean) * scale + shift. Subtracting first (rather than
@@ -664,7 +658,9 @@ void normalize_nchw(const float* x, float* y, flat_run f, const float* mean, con
 }
 
 // NHWC rows are normalized whole, in memory order: one stream in, one out;
-// the per-channel coefficients are re-read from L1 for every row.
+// the per-channel coefficients are re-read from L1 for every row. (Blocks of
+// 512 channels down a chunk's rows, to keep the coefficients of C >= 1024 in
+// L1, measured slower: 4096x1024 inference 2.6 -> 5.5, 32x2048x49 +14%.)
 template <class A>
 void normalize_nhwc(const float* x, float* y, region r, const float* mean, const float* scale,
                     const float* shift, relu_bits relu_out, bool stream) {
