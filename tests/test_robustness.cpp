@@ -131,6 +131,37 @@ TEST(Robustness, StatisticsAccurateWithLargeOffset) {
       }
 }
 
+// NHWC with many rows: chunks after the first of a slice are reduced in one pass around the
+// previous chunk's means, and a chunk whose mean is far from that shift must be reduced again
+// with two passes. Rows here jump by 100 standard deviations every 256 rows (one chunk), and
+// there are more chunks (70) than slices (64), so some slices hold two chunks with different
+// means; 520 channels take the row-order kernels (>= 512) and one group of 8 channels the
+// column kernels. Mean and variance as in StatisticsAccurateWithLargeOffset.
+TEST(Robustness, DriftingChunksKeepStatisticsAccurate) {
+  const bnorm_shape sh{70, 520, 256, BNORM_NHWC};
+  const int64_t count = bnorm_ref::elements(sh), rows = sh.n * sh.spatial;
+  std::mt19937_64 rng(77);
+  std::normal_distribution<double> z;
+  std::vector<float> xv(count);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < sh.c; ++c)
+      xv[r * sh.c + c] = float(100.0 * double((r / 256) % 5) + z(rng));
+  Buffer<float> x(count), y(count), mean(sh.c), var(sh.c);
+  x.assign(xv);
+  ASSERT_EQ(bnorm_forward_training(&sh, 1e-5f, 0, x.data(), nullptr, nullptr, y.data(),
+                                   mean.data(), var.data(), nullptr),
+            BNORM_SUCCESS)
+      << bnorm_last_error_message();
+  const ExactStats e = exact_stats(sh, xv);
+  for (int64_t c = 0; c < sh.c; ++c) {
+    EXPECT_TRUE(is_nearest_float(mean[c], e.mean[c]))
+        << "c=" << c << ": mean " << mean[c] << " exact " << double(e.mean[c]);
+    EXPECT_LE(double(std::fabs((long double)var[c] - e.var[c]) / e.var[c]), 1e-3)
+        << "c=" << c << ": var " << var[c] << " exact " << double(e.var[c]);
+    if (HasFailure()) return;
+  }
+}
+
 // A constant channel has variance exactly 0 and y exactly beta, whatever the constant; the
 // other channels are ordinary.
 TEST(Robustness, ConstantChannelIsExact) {
