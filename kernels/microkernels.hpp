@@ -372,21 +372,19 @@ inline void stream_rows(region r, int64_t c0, int64_t c1, Add add) {
     for (int64_t j = c0; j < c1; j += W) add(i, j, std::integral_constant<int, 1>{});
 }
 
-// moments_columns_shifted for the groups of 4 W channels in [c0, c1), c1 - c0
-// <= kStreamBlock, rows in memory order; a group whose shift is too far off
-// gets the two passes.
+// The sums s1 of d = x - center and s2 of d^2 for the channels [c0, c1), rows
+// in memory order; center, s1 and s2 are indexed from c0.
 template <class A>
-void moments_rows_shifted(const float* x, region r, int64_t c0, int64_t c1, const float* shift,
-                          moments* out) {
+void deviation_rows(const float* x, region r, int64_t c0, int64_t c1, const float* center,
+                    float* s1, float* s2) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
-  alignas(64) float s1[kStreamBlock], s2[kStreamBlock];
   for (int64_t j = 0; j < c1 - c0; j += W) {
     V(0.f).store_aligned(s1 + j);
     V(0.f).store_aligned(s2 + j);
   }
   stream_rows<A>(r, c0, c1, [&](int64_t i, int64_t j, auto rows) {
-    const V k = V::load_unaligned(shift + j);
+    const V k = V::load_unaligned(center + j - c0);
     V d1 = V::load_aligned(s1 + j - c0), d2 = V::load_aligned(s2 + j - c0);
     for (int u = 0; u < decltype(rows)::value; ++u) {
       const V d = V::load_unaligned(x + (i + u) * r.stride + j) - k;
@@ -396,6 +394,18 @@ void moments_rows_shifted(const float* x, region r, int64_t c0, int64_t c1, cons
     d1.store_aligned(s1 + j - c0);
     d2.store_aligned(s2 + j - c0);
   });
+}
+
+// moments_columns_shifted for the groups of 4 W channels in [c0, c1), c1 - c0
+// <= kStreamBlock, rows in memory order; a group whose shift is too far off
+// gets the two passes.
+template <class A>
+void moments_rows_shifted(const float* x, region r, int64_t c0, int64_t c1, const float* shift,
+                          moments* out) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  alignas(64) float s1[kStreamBlock], s2[kStreamBlock];
+  deviation_rows<A>(x, r, c0, c1, shift + c0, s1, s2);
   for (int64_t j0 = c0; j0 < c1; j0 += 4 * W) {
     V d1[4], d2[4];
     for (int q = 0; q < 4; ++q) {
@@ -423,22 +433,9 @@ void moments_rows(const float* x, region r, int64_t c0, int64_t c1, moments* out
       s += V::load_unaligned(x + (i + u) * r.stride + j) - x0;
     s.store_aligned(s1 + j - c0);
   });
-  for (int64_t j = 0; j < c1 - c0; j += W) {
+  for (int64_t j = 0; j < c1 - c0; j += W)
     (V::load_unaligned(x + c0 + j) + V::load_aligned(s1 + j) / n).store_aligned(m + j);
-    V(0.f).store_aligned(s1 + j);
-    V(0.f).store_aligned(s2 + j);
-  }
-  stream_rows<A>(r, c0, c1, [&](int64_t i, int64_t j, auto rows) {
-    const V mean = V::load_aligned(m + j - c0);
-    V d1 = V::load_aligned(s1 + j - c0), d2 = V::load_aligned(s2 + j - c0);
-    for (int u = 0; u < decltype(rows)::value; ++u) {
-      const V d = V::load_unaligned(x + (i + u) * r.stride + j) - mean;
-      d1 += d;
-      d2 = madd(d, d, d2);
-    }
-    d1.store_aligned(s1 + j - c0);
-    d2.store_aligned(s2 + j - c0);
-  });
+  deviation_rows<A>(x, r, c0, c1, m, s1, s2);
   two_pass_moments<A>(x, r, c0, c1 - c0, m, s1, s2, out);
 }
 
