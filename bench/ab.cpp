@@ -12,7 +12,10 @@
 // rounds of time / copy per library.
 //
 // Operations: fwd_training, fwd_training_relu, fwd_inference, backward,
-// moments (bnorm_moments alone).
+// moments (bnorm_moments alone), backward_reduce and backward_apply (the two
+// halves of backward, each compared with the copy of backward's traffic).
+// A LIB named `read` is no library: it reads x (and for the backward
+// operations dy) once, for the reading speed of the same run.
 #include <dlfcn.h>
 #include <omp.h>
 
@@ -36,6 +39,8 @@ struct library {
   decltype(&bnorm_forward_inference) inference;
   decltype(&bnorm_forward_training) training;
   decltype(&bnorm_backward) backward;
+  decltype(&bnorm_backward_reduce) backward_reduce;
+  decltype(&bnorm_backward_apply) backward_apply;
 };
 
 template <class F>
@@ -82,7 +87,7 @@ int main(int argc, char** argv) {
   if (argc < 5) {
     std::fprintf(stderr,
                  "usage: %s LIB [LIB...] PROBLEM nchw|nhwc "
-                 "fwd_training|fwd_training_relu|fwd_inference|backward|moments\n",
+                 "fwd_training|fwd_training_relu|fwd_inference|backward|backward_reduce|backward_apply|moments\n",
                  argv[0]);
     return 2;
   }
@@ -95,6 +100,10 @@ int main(int argc, char** argv) {
   }
   std::vector<library> libs;
   for (int i = 1; i < argc - 3; ++i) {
+    if (std::string(argv[i]) == "read") {
+      libs.push_back({argv[i], nullptr, nullptr, nullptr, nullptr, nullptr, nullptr});
+      continue;
+    }
     void* h = dlopen(argv[i], RTLD_NOW | RTLD_LOCAL);
     if (!h) {
       std::fprintf(stderr, "bnorm_ab: %s\n", dlerror());
@@ -103,11 +112,13 @@ int main(int argc, char** argv) {
     libs.push_back({argv[i], symbol<decltype(&bnorm_moments)>(h, "bnorm_moments"),
                     symbol<decltype(&bnorm_forward_inference)>(h, "bnorm_forward_inference"),
                     symbol<decltype(&bnorm_forward_training)>(h, "bnorm_forward_training"),
-                    symbol<decltype(&bnorm_backward)>(h, "bnorm_backward")});
+                    symbol<decltype(&bnorm_backward)>(h, "bnorm_backward"),
+                    symbol<decltype(&bnorm_backward_reduce)>(h, "bnorm_backward_reduce"),
+                    symbol<decltype(&bnorm_backward_apply)>(h, "bnorm_backward_apply")});
   }
 
   const int64_t total = n * c * spatial;
-  const bool backward = op == "backward";
+  const bool backward = op.compare(0, 8, "backward") == 0;
   const size_t copy_bytes = static_cast<size_t>(total) * sizeof(float) * (backward ? 3 : 2) / 2;
   float* x = buffer(total);
   float* y = buffer(total);
@@ -123,19 +134,29 @@ int main(int argc, char** argv) {
   std::memset(copy_src, 0, copy_bytes);
   std::memset(copy_dst, 0, copy_bytes);
   std::vector<float> mean(c), var(c, 1.f), gamma(c, 1.f), beta(c, 0.f), dgamma(c), dbeta(c);
-  std::vector<double> dmean(c), m2(c);
+  std::vector<double> dmean(c), m2(c), sum_dy(c), sum_dy_xhat(c);
   std::vector<uint8_t> mask(static_cast<size_t>(total / 8 + 1));
   const bnorm_shape shape{n, c, spatial, layout_name == "nhwc" ? BNORM_NHWC : BNORM_NCHW};
 
   auto call = [&](const library& l) {
     bnorm_status s = BNORM_SUCCESS;
-    if (op == "moments") s = l.moments(&shape, x, dmean.data(), m2.data());
+    if (!l.moments) {
+      volatile float sink = bnorm_bench::read_sum(x, static_cast<size_t>(total) * sizeof(float));
+      if (backward) sink = bnorm_bench::read_sum(dy, static_cast<size_t>(total) * sizeof(float));
+      (void)sink;
+    } else if (op == "moments") s = l.moments(&shape, x, dmean.data(), m2.data());
     else if (op == "fwd_inference")
       s = l.inference(&shape, 1e-5f, 0, x, gamma.data(), beta.data(), mean.data(), var.data(), y);
     else if (op == "fwd_training" || op == "fwd_training_relu")
       s = l.training(&shape, 1e-5f, op == "fwd_training" ? 0u : unsigned(BNORM_FUSE_RELU), x,
                      gamma.data(), beta.data(), y, mean.data(), var.data(), mask.data());
-    else if (backward)
+    else if (op == "backward_reduce")
+      s = l.backward_reduce(&shape, 1e-5f, 0, x, dy, mean.data(), var.data(), nullptr,
+                            sum_dy.data(), sum_dy_xhat.data());
+    else if (op == "backward_apply")
+      s = l.backward_apply(&shape, 1e-5f, 0, x, dy, gamma.data(), mean.data(), var.data(), nullptr,
+                           sum_dy.data(), sum_dy_xhat.data(), n * spatial, dx);
+    else if (op == "backward")
       s = l.backward(&shape, 1e-5f, 0, x, dy, gamma.data(), mean.data(), var.data(), nullptr, dx,
                      dgamma.data(), dbeta.data());
     else {

@@ -627,6 +627,13 @@ struct nhwc_scratch {
   }
 };
 
+// One slice's result merged into the results of the slices before it.
+void merge_into(partial& acc, const partial& m) { merge(acc, m.m, m.n); }
+void merge_into(sums& acc, const sums& part) {
+  acc.dy += part.dy;
+  acc.dy_xmu += part.dy_xmu;
+}
+
 // The skeleton both reductions share: the work split three ways (NHWC
 // items, grouped NCHW channels, NCHW channel slices), partial results per
 // slice, then the slices merged in order into out[c] (which starts at R{}).
@@ -635,12 +642,10 @@ struct nhwc_scratch {
 //   item(it, part, scratch, t): NHWC item it into part[c0, c1), the slice's row
 //   group(c0, c1, done): grouped NCHW channels, done(c, result)
 //   slice(c, s): slice s of NCHW channel c
-//   merge(acc, result): adds one slice's result
 // result_bytes, work_floats: per-channel NHWC scratch (see nhwc_scratch).
-template <class R, class Item, class Group, class Slice, class Merge>
+template <class R, class Item, class Group, class Slice>
 bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t result_bytes,
-                     int64_t work_floats, R* out, Item item, Group group, Slice slice,
-                     Merge merge) {
+                     int64_t work_floats, R* out, Item item, Group group, Slice slice) {
   std::unique_ptr<R[]> slices;
   if (p.slices > 1 && !(slices = allocate<R>(p.slices * p.c))) return false;
   R* const part = p.slices > 1 ? slices.get() : out;
@@ -673,7 +678,7 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
 #pragma omp for schedule(static)
       for (int64_t c = 0; c < p.c; ++c) {
         out[c] = R{};
-        for (int64_t s = 0; s < p.slices; ++s) merge(out[c], part[s * p.c + c]);
+        for (int64_t s = 0; s < p.slices; ++s) merge_into(out[c], part[s * p.c + c]);
       }
     }
   }
@@ -687,8 +692,7 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
         nhwc_item_moments(k, p, x, it, part, scratch.result<moments>(t), scratch.work(t));
       },
       [&](int64_t c0, int64_t c1, auto done) { nchw_moments(k, p, x, c0, c1, done); },
-      [&](int64_t c, int64_t s) { return nchw_slice_moments(k, p, x + c * p.spatial, s); },
-      [](partial& acc, const partial& m) { merge(acc, m.m, m.n); });
+      [&](int64_t c, int64_t s) { return nchw_slice_moments(k, p, x + c * p.spatial, s); });
 }
 
 bool sums_phase(const kernel_table& k, const plan& p, const float* x, const float* dy,
@@ -699,11 +703,7 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
         nhwc_item_sums(k, p, x, dy, mean, mask, it, part, scratch.result<double>(t));
       },
       [&](int64_t c0, int64_t c1, auto done) { nchw_sums(k, p, x, dy, mean, mask, c0, c1, done); },
-      [&](int64_t c, int64_t s) { return nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s); },
-      [](sums& acc, const sums& part) {
-        acc.dy += part.dy;
-        acc.dy_xmu += part.dy_xmu;
-      });
+      [&](int64_t c, int64_t s) { return nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s); });
 }
 
 // The elementwise passes. NHWC: each thread takes the chunks of the same
@@ -757,9 +757,68 @@ void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, i
 // at both ends, and measured slower than the two phases (7x7 and, at large
 // batches, 14x14 ResNet-50 layers; docs/performance-notes.md).
 constexpr int64_t kMinRunBytes = 2048;
+// NHWC tensors of few rows run fused too, each block a set of whole columns
+// (channels) of all the rows: the reduction as the phases do it, slice by
+// slice, then the elementwise pass down the same columns. That saves the
+// second parallel region and a second trip to L3 or memory for batch-1
+// images and small (N, C) input. Column blocks of more rows measured slower than
+// the phases, whose chunks read whole rows (8x1024x14x14, 1568 rows:
+// forward training +90%; 32x512x7x7 +25%), those of fewer rows faster
+// (8x2048x7x7, 392 rows: -35%; 1x128x28x28, 784 rows: -17%; 256x1024: -19%).
+// Hence at most this many rows (N x spatial):
+constexpr int64_t kNhwcFusedRows = 1024;
+
+// NHWC: blocks are whole 64-channel column groups (kColumnGroup) of all the
+// rows, as many as fit, with `arrays` tensors, in half of L2 (nothing is
+// prefetched meanwhile), and at most an even share of the groups per
+// thread. Returns 0 (use the phases) for more than kNhwcFusedRows rows, or
+// when one group of all the rows does not fit.
+int64_t nhwc_fused_block(const plan& p, int nt, int arrays) {
+  if (p.rows > kNhwcFusedRows) return 0;
+  const int64_t per_group = p.rows * kColumnGroup * static_cast<int64_t>(sizeof(float)) * arrays;
+  const int64_t fit = l2_bytes() / 2 / per_group;
+  if (fit == 0) return 0;
+  const int64_t groups = (p.c + kColumnGroup - 1) / kColumnGroup;
+  return std::min(fit, (groups + nt - 1) / nt) * kColumnGroup;
+}
+
+// Scratch for the fused NHWC blocks, indexed by channel (the blocks'
+// channels are disjoint, so the threads share it): per-slice results R,
+// their merge, and the item kernels' per-chunk results (Chunk, `per_chunk`
+// per channel) and shifts.
+template <class R, class Chunk, int per_chunk>
+struct nhwc_columns {
+  const plan& p;
+  std::unique_ptr<R[]> slice, total;
+  std::unique_ptr<Chunk[]> chunk;
+  std::unique_ptr<float[]> work;
+
+  explicit nhwc_columns(const plan& p_)
+      : p(p_), slice(allocate<R>(p.c)), total(allocate<R>(p.c)),
+        chunk(allocate<Chunk>(per_chunk * p.c)), work(allocate<float>(p.c)) {}
+  explicit operator bool() const { return slice && total && chunk && work; }
+
+  // The columns [c0, c1) of all the rows, as reduction_phase computes them:
+  // item(it, part) for each slice, the slices merged in order (a single
+  // slice is the result). Returns the results, indexed by channel.
+  template <class Item>
+  const R* reduce(int64_t c0, int64_t c1, Item item) {
+    if (p.slices == 1) {
+      item(nhwc_item{0, c0, c1}, total.get());
+      return total.get();
+    }
+    for (int64_t c = c0; c < c1; ++c) total[c] = R{};
+    for (int64_t s = 0; s < p.slices; ++s) {
+      item(nhwc_item{s, c0, c1}, slice.get());
+      for (int64_t c = c0; c < c1; ++c) merge_into(total[c], slice[c]);
+    }
+    return total.get();
+  }
+};
 
 int64_t fused_block(const kernel_table& k, const plan& p, int nt, int arrays) {
-  if (p.nhwc || (nt > 1 && p.c < 4 * nt)) return 0;
+  if (p.nhwc) return nhwc_fused_block(p, nt, arrays);
+  if (nt > 1 && p.c < 4 * nt) return 0;
   const int64_t per_channel = p.count * static_cast<int64_t>(sizeof(float)) * arrays;
   const int64_t fit = std::max<int64_t>(1, l2_bytes() / 4 / per_channel);
   int64_t block = std::min(fit, std::max<int64_t>(1, p.c / (4 * nt)));
@@ -955,6 +1014,24 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   const normalize_args args{x,    y,         mean, scale,
                             shift, relu, relu_mask, stream_for(2 * total * static_cast<int64_t>(sizeof(float)))};
   const int64_t blocks = (p.c + block - 1) / block;
+  if (p.nhwc) {
+    nhwc_columns<partial, moments, 1> scratch(p);
+    if (!scratch) return out_of_memory(fn, p.c);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
+      const partial* total = scratch.reduce(c0, c1, [&](const nhwc_item& it, partial* part) {
+        nhwc_item_moments(k, p, x, it, part, scratch.chunk.get(), scratch.work.get());
+      });
+      for (int64_t c = c0; c < c1; ++c) {
+        finish_moments(total[c], &mean[c], &var[c]);
+        scale_shift(gamma, beta, var[c], eps, c, scale, shift);
+      }
+      k.normalize_nhwc(x + c0, y + c0, {p.rows, c1 - c0, p.c}, mean + c0, scale + c0, shift + c0,
+                       {relu, relu_mask, c0}, args.stream);
+    }
+    return succeed();
+  }
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
@@ -1193,6 +1270,31 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
                         mean,                 coefficients.a, coefficients.b,
                         coefficients.c,       mask, stream_for(3 * total * static_cast<int64_t>(sizeof(float)))};
   const int64_t blocks = (p.c + block - 1) / block;
+  if (p.nhwc) {
+    nhwc_columns<sums, double, 2> scratch(p);
+    if (!scratch) return out_of_memory(fn, p.c);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
+      const sums* total = scratch.reduce(c0, c1, [&](const nhwc_item& it, sums* part) {
+        if (need_sums) {
+          nhwc_item_sums(k, p, x, dy, mean, mask, it, part, scratch.chunk.get());
+        } else {
+          for (int64_t c = c0; c < c1; ++c) part[c] = sums{0, 0};
+        }
+      });
+      for (int64_t c = c0; c < c1; ++c) {
+        const sums acc = to_xhat(total[c], var[c], eps);
+        if (dgamma) dgamma[c] = static_cast<float>(acc.dy_xmu);
+        if (dbeta) dbeta[c] = static_cast<float>(acc.dy);
+        coefficients(c, acc);
+      }
+      k.backward_apply_nhwc(args.x ? args.x + c0 : nullptr, dy + c0, dx + c0, {p.rows, c1 - c0, p.c},
+                            mean + c0, args.a + c0, args.b + c0, args.c + c0, {mask, c0},
+                            args.stream);
+    }
+    return succeed();
+  }
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);

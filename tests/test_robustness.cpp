@@ -444,6 +444,82 @@ TEST(Robustness, DeterministicAcrossThreadCounts) {
     }
 }
 
+// The outputs of run_all from the split-phase API with one set of moments and sums:
+// moments -> merge -> normalize, backward_reduce -> backward_apply.
+Outputs run_split(const Problem& p) {
+  const bnorm_shape& sh = p.sh;
+  const int64_t count = bnorm_ref::elements(sh), c = sh.c, values = sh.n * sh.spatial;
+  std::vector<float> y(count), mean(c), var(c), dx(count), dgamma(c), dbeta(c);
+  std::vector<double> m(c), m2(c), sum_dy(c), sum_dy_xhat(c);
+  std::vector<uint8_t> mask((count + 7) / 8);
+  auto ok = [&](bnorm_status st, const char* op) {
+    EXPECT_EQ(st, BNORM_SUCCESS) << op << ": " << bnorm_last_error_message();
+  };
+  ok(bnorm_moments(&sh, p.x.data(), m.data(), m2.data()), "moments");
+  ok(bnorm_merge_moments(1, c, &values, m.data(), m2.data(), mean.data(), var.data()), "merge");
+  Outputs out;
+  out.mean = mean;
+  out.var = var;
+  ok(bnorm_normalize(&sh, p.eps, 0, p.x.data(), p.gamma.data(), p.beta.data(), mean.data(),
+                     var.data(), y.data(), nullptr),
+     "normalize");
+  out.y_plain = y;
+  ok(bnorm_normalize(&sh, p.eps, BNORM_FUSE_RELU, p.x.data(), p.gamma.data(), p.beta.data(),
+                     mean.data(), var.data(), y.data(), mask.data()),
+     "normalize relu");
+  out.y = y;
+  out.mask = mask;
+  ok(bnorm_forward_inference(&sh, p.eps, 0, p.x.data(), p.gamma.data(), p.beta.data(),
+                             p.run_mean.data(), p.run_var.data(), y.data()),
+     "forward_inference");
+  out.y_inference = y;
+  // Backward with the training statistics and mask, then with GLOBAL_STATS.
+  const struct {
+    unsigned flags;
+    const float *mean, *var;
+    const uint8_t* mask;
+  } passes[] = {{BNORM_FUSE_RELU, mean.data(), var.data(), mask.data()},
+                {BNORM_GLOBAL_STATS, p.run_mean.data(), p.run_var.data(), nullptr}};
+  for (const auto& b : passes) {
+    ok(bnorm_backward_reduce(&sh, p.eps, b.flags, p.x.data(), p.dy.data(), b.mean, b.var, b.mask,
+                             sum_dy.data(), sum_dy_xhat.data()),
+       "backward_reduce");
+    ok(bnorm_backward_apply(&sh, p.eps, b.flags, p.x.data(), p.dy.data(), p.gamma.data(), b.mean,
+                            b.var, b.mask, sum_dy.data(), sum_dy_xhat.data(), values, dx.data()),
+       "backward_apply");
+    for (int64_t j = 0; j < c; ++j) {
+      dgamma[j] = static_cast<float>(sum_dy_xhat[j]);
+      dbeta[j] = static_cast<float>(sum_dy[j]);
+    }
+    (b.mask ? out.dx : out.dx_global) = dx;
+    (b.mask ? out.dgamma : out.dgamma_global) = dgamma;
+    (b.mask ? out.dbeta : out.dbeta_global) = dbeta;
+  }
+  return out;
+}
+
+// The operators are bitwise their split-phase forms (bnorm.h promises it), whichever path
+// they take: NCHW channel blocks fused in cache, NCHW phases, NHWC column blocks fused in
+// cache with one slice of rows and with several, NHWC phases; 1 and 2 threads.
+TEST(Robustness, OperatorsAreBitwiseTheirSplitPhases) {
+  OmpThreadsGuard guard;
+  struct {
+    int64_t n, c, s;
+  } shapes[] = {{4, 64, 1024}, {3, 5, 33},    {1, 300, 49}, {3, 130, 200},
+                {2, 70, 1500}, {600, 77, 1}, {8, 200, 49}};
+  int k = 0;
+  for (int nt : {1, 2})
+    for (bnorm_layout layout : kLayouts)
+      for (auto& t : shapes) {
+        omp_set_num_threads(nt);
+        const bnorm_shape sh{t.n, t.c, t.s, layout};
+        SCOPED_TRACE(describe(sh) + ", " + std::to_string(nt) + " threads");
+        const Problem p = make_problem(sh, 9500 + k++);
+        expect_identical(run_all(p, Offsets{}), run_split(p), sh, "split phases");
+        if (HasFailure()) return;
+      }
+}
+
 // Any float alignment of every pointer gives the same bits as the 64-byte-aligned run.
 TEST(Robustness, AnyAlignmentGivesIdenticalResults) {
   struct {
