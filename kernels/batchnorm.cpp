@@ -304,10 +304,11 @@ void finish_moments(const partial& a, float* mean, float* var) {
 // when gamma == sqrtf(var + eps), so the identity gamma = sqrt(var + eps),
 // beta = mean gives y = fl(fl(x - mean) + mean): x exactly when x - mean is
 // exact (x within a factor 2 of mean), else within one ulp of max(|x|, |mean|).
-void scale_shift(const float* gamma, const float* beta, float var, float eps, int64_t c,
-                 float* scale, float* shift) {
-  scale[c] = (gamma ? gamma[c] : 1.f) / std::sqrt(var + eps);
-  shift[c] = beta ? beta[c] : 0.f;
+// For the channels [c0, c1); the kernel takes a vector of channels at a time.
+void scale_shift(const kernel_table& k, const float* gamma, const float* beta, const float* var,
+                 float eps, int64_t c0, int64_t c1, float* scale, float* shift) {
+  k.scale(gamma ? gamma + c0 : nullptr, var + c0, eps, c1 - c0, scale + c0);
+  for (int64_t c = c0; c < c1; ++c) shift[c] = beta ? beta[c] : 0.f;
 }
 
 // NCHW: the moments of slice `slice` of channel c. Each chunk after the
@@ -564,13 +565,10 @@ void nhwc_item_sums(const kernel_table& k, const plan& p, const float* x, const 
 //          = a * dy + (x - mean) * b + c, with
 //   a = gamma * invstd, b = -a * invstd * sum(dy * xhat) / M, c = -a * sum(dy) / M.
 // With frozen statistics mean and invstd are constants: dx = a * dy.
-double invstd_of(float var, float eps) { return 1.0 / std::sqrt(static_cast<double>(var) + eps); }
-
 struct backward_coefficients {
   const float* gamma;
-  const float* var;
-  float eps;
-  double count;  // M
+  const double* invstd;  // per channel, from kernel_table::invstd
+  double count;          // M
   bool global;
   float* a;
   float* b;
@@ -578,17 +576,25 @@ struct backward_coefficients {
 
   // s: sum(dy) and sum(dy * xhat) of channel ch.
   void operator()(int64_t ch, const sums& s) const {
-    const double invstd = invstd_of(var[ch], eps);
-    const double ga = (gamma ? gamma[ch] : 1.f) * invstd;
+    const double ga = (gamma ? gamma[ch] : 1.f) * invstd[ch];
     const bool constant = global || count == 0;
     a[ch] = static_cast<float>(ga);
-    b[ch] = constant ? 0.f : static_cast<float>(-ga * invstd * s.dy_xmu / count);
+    b[ch] = constant ? 0.f : static_cast<float>(-ga * invstd[ch] * s.dy_xmu / count);
     c[ch] = constant ? 0.f : static_cast<float>(-ga * s.dy / count);
+  }
+
+  // From s = sum(dy) and sum(dy * (x - mean)): the coefficients, and
+  // dgamma = sum(dy * xhat), dbeta = sum(dy) where those are not null.
+  void finish(int64_t ch, const sums& s, float* dgamma, float* dbeta) const {
+    const sums xhat{s.dy, s.dy_xmu * invstd[ch]};
+    if (dgamma) dgamma[ch] = static_cast<float>(xhat.dy_xmu);
+    if (dbeta) dbeta[ch] = static_cast<float>(xhat.dy);
+    (*this)(ch, xhat);
   }
 };
 
 // sum(dy * (x - mean)) -> sum(dy * xhat).
-sums to_xhat(sums s, float var, float eps) { return {s.dy, s.dy_xmu * invstd_of(var, eps)}; }
+sums to_xhat(sums s, double invstd) { return {s.dy, s.dy_xmu * invstd}; }
 
 // ---------------------------------------------------------------------------
 // The reduction phases, each one parallel region. They allocate their
@@ -921,7 +927,7 @@ void normalize_op(const bnorm_shape* shape, float eps, unsigned flags, const flo
   if (total == 0) return;
   float* scale = coef;
   float* shift = coef + p.c;
-  for (int64_t c = 0; c < p.c; ++c) scale_shift(gamma, beta, var[c], eps, c, scale, shift);
+  scale_shift(kernels(), gamma, beta, var, eps, 0, p.c, scale, shift);
   const int64_t bytes = 2 * total * static_cast<int64_t>(sizeof(float));
   const normalize_args args{x,     y, mean, scale, shift, (flags & BNORM_FUSE_RELU) != 0,
                             relu_mask, stream_for(bytes)};
@@ -930,8 +936,8 @@ void normalize_op(const bnorm_shape* shape, float eps, unsigned flags, const flo
 
 // dx from the per-channel sum(dy), sum(dy * xhat) over `count` values.
 // coef: 3c floats of scratch.
-void apply_op(const bnorm_shape* shape, float eps, unsigned flags, const float* x,
-              const float* dy, const float* gamma, const float* mean, const float* var,
+void apply_op(const bnorm_shape* shape, unsigned flags, const float* x, const float* dy,
+              const float* gamma, const float* mean, const double* invstd,
               const uint8_t* relu_mask, const sums* channel_sums, int64_t count, float* dx,
               float* coef) {
   const plan p = make_plan(*shape);
@@ -939,7 +945,7 @@ void apply_op(const bnorm_shape* shape, float eps, unsigned flags, const float* 
   if (total == 0) return;
   const bool global = flags & BNORM_GLOBAL_STATS;
   const backward_coefficients coefficients{
-      gamma, var, eps, static_cast<double>(count), global, coef, coef + p.c, coef + 2 * p.c};
+      gamma, invstd, static_cast<double>(count), global, coef, coef + p.c, coef + 2 * p.c};
   for (int64_t c = 0; c < p.c; ++c) coefficients(c, channel_sums ? channel_sums[c] : sums{0, 0});
   const int64_t bytes = 3 * total * static_cast<int64_t>(sizeof(float));
   const apply_args args{global ? nullptr : x,
@@ -1023,10 +1029,8 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
       const partial* total = scratch.reduce(c0, c1, [&](const nhwc_item& it, partial* part) {
         nhwc_item_moments(k, p, x, it, part, scratch.chunk.get(), scratch.work.get());
       });
-      for (int64_t c = c0; c < c1; ++c) {
-        finish_moments(total[c], &mean[c], &var[c]);
-        scale_shift(gamma, beta, var[c], eps, c, scale, shift);
-      }
+      for (int64_t c = c0; c < c1; ++c) finish_moments(total[c], &mean[c], &var[c]);
+      scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
       k.normalize_nhwc(x + c0, y + c0, {p.rows, c1 - c0, p.c}, mean + c0, scale + c0, shift + c0,
                        {relu, relu_mask, c0}, args.stream);
     }
@@ -1035,10 +1039,9 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
-    nchw_moments(k, p, x, c0, c1, [&](int64_t c, const partial& acc) {
-      finish_moments(acc, &mean[c], &var[c]);
-      scale_shift(gamma, beta, var[c], eps, c, scale, shift);
-    });
+    nchw_moments(k, p, x, c0, c1,
+                 [&](int64_t c, const partial& acc) { finish_moments(acc, &mean[c], &var[c]); });
+    scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
     for (int64_t n = 0; n < p.rows; ++n) {
       if (c1 < p.c) {
         const block_part next = image_part(p, n, c1, std::min(p.c, c1 + block));
@@ -1161,7 +1164,8 @@ bnorm_status bnorm_backward_reduce(const bnorm_shape* shape, float eps, unsigned
     return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
   const plan p = make_plan(*shape);
   auto channel = allocate<sums>(p.c);
-  if (!channel) return out_of_memory(fn, p.c);
+  auto invstd = allocate<double>(p.c);
+  if (!channel || !invstd) return out_of_memory(fn, p.c);
   if (total == 0) {
     for (int64_t c = 0; c < p.c; ++c) channel[c] = {0, 0};
   } else if (!sums_phase(kernels(), p, x, dy, mean,
@@ -1170,8 +1174,9 @@ bnorm_status bnorm_backward_reduce(const bnorm_shape* shape, float eps, unsigned
                          channel.get())) {
     return out_of_memory(fn, p.c);
   }
+  kernels().invstd(var, eps, p.c, invstd.get());
   for (int64_t c = 0; c < p.c; ++c) {
-    const sums s = to_xhat(channel[c], var[c], eps);
+    const sums s = to_xhat(channel[c], invstd[c]);
     sum_dy[c] = s.dy;
     sum_dy_xhat[c] = s.dy_xmu;
   }
@@ -1209,10 +1214,12 @@ bnorm_status bnorm_backward_apply(const bnorm_shape* shape, float eps, unsigned 
   const plan p = make_plan(*shape);
   auto channel = allocate<sums>(p.c);
   auto coef = allocate<float>(3 * p.c);
-  if (!channel || !coef) return out_of_memory(fn, p.c);
+  auto invstd = allocate<double>(p.c);
+  if (!channel || !coef || !invstd) return out_of_memory(fn, p.c);
   for (int64_t c = 0; c < p.c; ++c)
     channel[c] = global ? sums{0, 0} : sums{sum_dy[c], sum_dy_xhat[c]};
-  apply_op(shape, eps, flags, x, dy, gamma, mean, var, relu_mask, channel.get(), count, dx,
+  kernels().invstd(var, eps, p.c, invstd.get());
+  apply_op(shape, flags, x, dy, gamma, mean, invstd.get(), relu_mask, channel.get(), count, dx,
            coef.get());
   return succeed();
 }
@@ -1243,7 +1250,8 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   const uint8_t* mask = relu ? relu_mask : nullptr;
   auto channel = allocate<sums>(p.c);
   auto coef = allocate<float>(3 * p.c);
-  if (!channel || !coef) return out_of_memory(fn, p.c);
+  auto invstd = allocate<double>(p.c);
+  if (!channel || !coef || !invstd) return out_of_memory(fn, p.c);
 
   const int64_t block = total == 0 ? 0 : fused_block(k, p, nt, 2);
   if (block == 0) {
@@ -1253,19 +1261,20 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
     } else if (!sums_phase(k, p, x, dy, mean, mask, nt, channel.get())) {
       return out_of_memory(fn, p.c);
     }
+    k.invstd(var, eps, p.c, invstd.get());
     for (int64_t c = 0; c < p.c; ++c) {
-      channel[c] = to_xhat(channel[c], var[c], eps);
+      channel[c] = to_xhat(channel[c], invstd[c]);
       if (dgamma) dgamma[c] = static_cast<float>(channel[c].dy_xmu);
       if (dbeta) dbeta[c] = static_cast<float>(channel[c].dy);
     }
-    apply_op(shape, eps, flags, x, dy, gamma, mean, var, relu_mask, channel.get(), p.count, dx,
-             coef.get());
+    apply_op(shape, flags, x, dy, gamma, mean, invstd.get(), relu_mask, channel.get(), p.count,
+             dx, coef.get());
     return succeed();
   }
 
-  const backward_coefficients coefficients{gamma,      var,          eps,
-                                           static_cast<double>(p.count), global,
-                                           coef.get(), coef.get() + p.c, coef.get() + 2 * p.c};
+  const backward_coefficients coefficients{gamma,      invstd.get(),    static_cast<double>(p.count),
+                                           global,     coef.get(),      coef.get() + p.c,
+                                           coef.get() + 2 * p.c};
   const apply_args args{global ? nullptr : x, dy,   dx,
                         mean,                 coefficients.a, coefficients.b,
                         coefficients.c,       mask, stream_for(3 * total * static_cast<int64_t>(sizeof(float)))};
@@ -1283,12 +1292,8 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
           for (int64_t c = c0; c < c1; ++c) part[c] = sums{0, 0};
         }
       });
-      for (int64_t c = c0; c < c1; ++c) {
-        const sums acc = to_xhat(total[c], var[c], eps);
-        if (dgamma) dgamma[c] = static_cast<float>(acc.dy_xmu);
-        if (dbeta) dbeta[c] = static_cast<float>(acc.dy);
-        coefficients(c, acc);
-      }
+      k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
+      for (int64_t c = c0; c < c1; ++c) coefficients.finish(c, total[c], dgamma, dbeta);
       k.backward_apply_nhwc(args.x ? args.x + c0 : nullptr, dy + c0, dx + c0, {p.rows, c1 - c0, p.c},
                             mean + c0, args.a + c0, args.b + c0, args.c + c0, {mask, c0},
                             args.stream);
@@ -1298,12 +1303,8 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
-    auto done = [&](int64_t c, sums acc) {
-      acc = to_xhat(acc, var[c], eps);
-      if (dgamma) dgamma[c] = static_cast<float>(acc.dy_xmu);
-      if (dbeta) dbeta[c] = static_cast<float>(acc.dy);
-      coefficients(c, acc);
-    };
+    k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
+    auto done = [&](int64_t c, const sums& acc) { coefficients.finish(c, acc, dgamma, dbeta); };
     if (need_sums) {
       nchw_sums(k, p, x, dy, mean, mask, c0, c1, done);
     } else {

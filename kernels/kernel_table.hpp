@@ -75,6 +75,11 @@ struct kernel_table {
   // allow a single pass over the data (microkernels.hpp).
   void (*moments_nhwc)(const float* x, region r, const float* shift, moments* out);
 
+  // scale[j] = gamma[j] / sqrt(var[j] + eps) (gamma null: 1) for j < n, a
+  // vector of channels at a time (correctly rounded IEEE operations: the
+  // bits of the scalar expression).
+  void (*scale)(const float* gamma, const float* var, float eps, int64_t n, float* scale);
+
   // y = (x - mean) * scale + shift, then max(y, 0) and mask bits if ReLU.
   // stream: non-temporal stores where y is vector-aligned (the elementwise
   // kernels give the same bits either way). NCHW: x and y point at the run's
@@ -94,6 +99,11 @@ struct kernel_table {
                                      double* sum_dy, double* sum_dy_xmu);
   void (*backward_reduce_nhwc)(const float* x, const float* dy, region r, const float* mean,
                                relu_bits_in relu, double* sum_dy, double* sum_dy_xmu);
+
+  // invstd[j] = 1 / sqrt(double(var[j]) + eps) for j < n: the backward
+  // coefficients' square root and division, a vector of channels at a time
+  // (correctly rounded IEEE operations: the bits of the scalar expression).
+  void (*invstd)(const float* var, float eps, int64_t n, double* invstd);
 
   // dx = a * dy + ((x - mean) * b + c); x == nullptr means b = c = 0 (x unused).
   void (*backward_apply_nchw)(const float* x, const float* dy, float* dx, flat_run f,

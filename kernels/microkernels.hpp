@@ -689,6 +689,19 @@ void normalize_nhwc(const float* x, float* y, region r, const float* mean, const
   if (stream) _mm_sfence();
 }
 
+template <class A>
+void scale(const float* gamma, const float* var, float eps, int64_t n, float* out) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const V e(eps), one(1.f);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const V g = gamma ? V::load_unaligned(gamma + j) : one;
+    (g / xsimd::sqrt(V::load_unaligned(var + j) + e)).store_unaligned(out + j);
+  }
+  for (; j < n; ++j) out[j] = (gamma ? gamma[j] : 1.f) / std::sqrt(var[j] + eps);
+}
+
 // ---------------------------------------------------------------------------
 // Backward. reduce: sum(dy) and sum(dy * (x - mean)) in float per region,
 // returned in double (recomputed in double if anything overflowed).
@@ -884,6 +897,20 @@ void backward_reduce_nhwc(const float* x, const float* dy, region r, const float
 
 
 template <class A>
+void invstd(const float* var, float eps, int64_t n, double* out) {
+  using D = xsimd::batch<double, A>;
+  constexpr int64_t W = D::size;
+  const D e(static_cast<double>(eps)), one(1.0);
+  alignas(64) double v[W];
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    for (int64_t k = 0; k < W; ++k) v[k] = var[j + k];
+    (one / xsimd::sqrt(D::load_aligned(v) + e)).store_unaligned(out + j);
+  }
+  for (; j < n; ++j) out[j] = 1.0 / std::sqrt(static_cast<double>(var[j]) + eps);
+}
+
+template <class A>
 void backward_apply_nchw(const float* x, const float* dy, float* dx, flat_run f,
                          const float* mean, const float* a, const float* b, const float* c,
                          relu_bits_in relu_in, bool stream) {
@@ -938,11 +965,13 @@ kernel_table make_kernel_table(const char* isa) {
           moments_nchw<A>,
           moments_nchw_group<A>,
           moments_nhwc<A>,
+          scale<A>,
           normalize_nchw<A>,
           normalize_nhwc<A>,
           backward_reduce_nchw<A>,
           backward_reduce_nchw_group<A>,
           backward_reduce_nhwc<A>,
+          invstd<A>,
           backward_apply_nchw<A>,
           backward_apply_nhwc<A>};
 }
