@@ -668,17 +668,29 @@ void normalize_nhwc(const float* x, float* y, region r, const float* mean, const
     const float* xr = x + i * r.stride;
     float* yr = y + i * r.stride;
     const bool nt = stream && simd::is_aligned<A>(yr);
-    bit_writer bits(relu ? relu_out.bits : nullptr, relu_out.index + i * r.stride);
+    const int64_t index = relu_out.index + i * r.stride;
+    // A row that starts on a mask byte (C a multiple of 8, as in CNNs) gets
+    // whole bytes per vector, stored directly: no chain from vector to
+    // vector through the bit_writer (with it, 256x1024 took 1.5x as long
+    // with ReLU as without). The rest of the row goes through the writer.
+    uint8_t* const direct =
+        relu && relu_out.bits && W % 8 == 0 && index % 8 == 0 ? relu_out.bits + index / 8 : nullptr;
+    bit_writer bits(relu && !direct ? relu_out.bits : nullptr, index);
     int64_t j = 0;
     for (; j + W <= r.cols; j += W) {
       V v = madd(V::load_unaligned(xr + j) - V::load_unaligned(mean + j),
                  V::load_unaligned(scale + j), V::load_unaligned(shift + j));
       if (relu) {
         v = relu_vec<A>(v);
-        bits.push(to_bits<A>(v > V(0.f)), W);
+        const uint32_t positive = to_bits<A>(v > V(0.f));
+        if (direct)
+          std::memcpy(direct + j / 8, &positive, W / 8);  // little-endian: element j in bit 0
+        else
+          bits.push(positive, W);
       }
       simd::store<A>(yr + j, v, nt);
     }
+    if (direct) bits = bit_writer(relu_out.bits, index + j);
     for (; j < r.cols; ++j) {
       const float v = madd1<A>(xr[j] - mean[j], scale[j], shift[j]);
       yr[j] = relu ? relu1(v) : v;
