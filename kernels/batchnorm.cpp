@@ -565,6 +565,9 @@ void nhwc_item_sums(const kernel_table& k, const plan& p, const float* x, const 
 //          = a * dy + (x - mean) * b + c, with
 //   a = gamma * invstd, b = -a * invstd * sum(dy * xhat) / M, c = -a * sum(dy) / M.
 // With frozen statistics mean and invstd are constants: dx = a * dy.
+// sum(dy * (x - mean)) -> sum(dy * xhat).
+sums to_xhat(sums s, double invstd) { return {s.dy, s.dy_xmu * invstd}; }
+
 struct backward_coefficients {
   const float* gamma;
   const double* invstd;  // per channel, from kernel_table::invstd
@@ -586,15 +589,13 @@ struct backward_coefficients {
   // From s = sum(dy) and sum(dy * (x - mean)): the coefficients, and
   // dgamma = sum(dy * xhat), dbeta = sum(dy) where those are not null.
   void finish(int64_t ch, const sums& s, float* dgamma, float* dbeta) const {
-    const sums xhat{s.dy, s.dy_xmu * invstd[ch]};
+    const sums xhat = to_xhat(s, invstd[ch]);
     if (dgamma) dgamma[ch] = static_cast<float>(xhat.dy_xmu);
     if (dbeta) dbeta[ch] = static_cast<float>(xhat.dy);
     (*this)(ch, xhat);
   }
 };
 
-// sum(dy * (x - mean)) -> sum(dy * xhat).
-sums to_xhat(sums s, double invstd) { return {s.dy, s.dy_xmu * invstd}; }
 
 // ---------------------------------------------------------------------------
 // The reduction phases, each one parallel region. They allocate their
