@@ -172,20 +172,28 @@ int main(int argc, char** argv) {
   const double traffic = static_cast<double>(total) * sizeof(float) * (backward ? 3 : 2);
   const int calls = std::max(3, static_cast<int>(0.02 / (traffic / 50e9)));
   constexpr int kRounds = 9;
-  std::vector<std::vector<double>> ratio(libs.size());
+  std::vector<std::vector<double>> ratio(libs.size()), seconds(libs.size());
+  std::vector<double> copy_seconds;
   for (int round = 0; round < kRounds; ++round)
     for (size_t k = 0; k < libs.size(); ++k) {
       const double copy_s =
           best_seconds([&] { bnorm_bench::nt_copy(copy_dst, copy_src, copy_bytes); }, calls);
       call(libs[k]);
-      ratio[k].push_back(best_seconds([&] { call(libs[k]); }, calls) / copy_s);
+      seconds[k].push_back(best_seconds([&] { call(libs[k]); }, calls));
+      ratio[k].push_back(seconds[k].back() / copy_s);
+      copy_seconds.push_back(copy_s);
     }
-  std::printf("%s %s %s, %d threads, time / copy (median [min-max] of %d rounds):\n",
-              argv[argc - 3], layout_name.c_str(), op.c_str(), omp_get_max_threads(), kRounds);
+  std::sort(copy_seconds.begin(), copy_seconds.end());
+  std::printf("%s %s %s, %d threads, time / copy (median [min-max] of %d rounds), median time "
+              "(copy: %.1f us median, %.1f GB/s):\n",
+              argv[argc - 3], layout_name.c_str(), op.c_str(), omp_get_max_threads(), kRounds,
+              1e6 * copy_seconds[copy_seconds.size() / 2],
+              2 * copy_bytes / copy_seconds[copy_seconds.size() / 2] * 1e-9);
   for (size_t k = 0; k < libs.size(); ++k) {
     std::sort(ratio[k].begin(), ratio[k].end());
-    std::printf("  %-40s %.3f [%.3f-%.3f]\n", libs[k].path.c_str(), ratio[k][kRounds / 2],
-                ratio[k].front(), ratio[k].back());
+    std::sort(seconds[k].begin(), seconds[k].end());
+    std::printf("  %-40s %.3f [%.3f-%.3f] %.1f us\n", libs[k].path.c_str(), ratio[k][kRounds / 2],
+                ratio[k].front(), ratio[k].back(), 1e6 * seconds[k][kRounds / 2]);
   }
   return 0;
 }

@@ -664,7 +664,30 @@ void normalize_nhwc(const float* x, float* y, region r, const float* mean, const
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const bool relu = relu_out.relu;
-  for (int64_t i = 0; i < r.rows; ++i) {
+  int64_t i = 0;
+  // Without ReLU and with ordinary stores, two rows at a time: each vector
+  // of coefficients loaded once for both (4 loads per vector of output ->
+  // 2.5). bnorm_ab, inference: 32x2048x7x7 -19%, 8x512x7x7 -21%,
+  // 8x1024x14x14 -6%. With streaming stores the two rows' stores measured
+  // slower (4096x1024 +31%, 32x256x56x56 +26%), so those go row by row.
+  for (; !relu && !stream && i + 2 <= r.rows; i += 2) {
+    const float* x0 = x + i * r.stride;
+    const float* x1 = x0 + r.stride;
+    float* y0 = y + i * r.stride;
+    float* y1 = y0 + r.stride;
+    int64_t j = 0;
+    for (; j + W <= r.cols; j += W) {
+      const V m = V::load_unaligned(mean + j), s = V::load_unaligned(scale + j),
+              b = V::load_unaligned(shift + j);
+      madd(V::load_unaligned(x0 + j) - m, s, b).store_unaligned(y0 + j);
+      madd(V::load_unaligned(x1 + j) - m, s, b).store_unaligned(y1 + j);
+    }
+    for (; j < r.cols; ++j) {
+      y0[j] = madd1<A>(x0[j] - mean[j], scale[j], shift[j]);
+      y1[j] = madd1<A>(x1[j] - mean[j], scale[j], shift[j]);
+    }
+  }
+  for (; i < r.rows; ++i) {
     const float* xr = x + i * r.stride;
     float* yr = y + i * r.stride;
     const bool nt = stream && simd::is_aligned<A>(yr);
@@ -944,7 +967,27 @@ void backward_apply_nhwc(const float* x, const float* dy, float* dx, region r, c
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const V zero(0.f);
-  for (int64_t i = 0; i < r.rows; ++i) {
+  int64_t i = 0;
+  // Two rows at a time when that measured faster in normalize_nhwc: with
+  // ordinary stores (and here without ReLU and with batch statistics), each
+  // vector of the four coefficients loaded once for both rows.
+  for (; x && !relu_in.bits && !stream && i + 2 <= r.rows; i += 2) {
+    const int64_t at0 = i * r.stride, at1 = at0 + r.stride;
+    int64_t j = 0;
+    for (; j + W <= r.cols; j += W) {
+      const V m = V::load_unaligned(mean + j), va = V::load_unaligned(a + j),
+              vb = V::load_unaligned(b + j), vc = V::load_unaligned(c + j);
+      const V rest0 = madd(V::load_unaligned(x + at0 + j) - m, vb, vc);
+      const V rest1 = madd(V::load_unaligned(x + at1 + j) - m, vb, vc);
+      madd(va, V::load_unaligned(dy + at0 + j), rest0).store_unaligned(dx + at0 + j);
+      madd(va, V::load_unaligned(dy + at1 + j), rest1).store_unaligned(dx + at1 + j);
+    }
+    for (; j < r.cols; ++j) {
+      dx[at0 + j] = madd1<A>(a[j], dy[at0 + j], madd1<A>(x[at0 + j] - mean[j], b[j], c[j]));
+      dx[at1 + j] = madd1<A>(a[j], dy[at1 + j], madd1<A>(x[at1 + j] - mean[j], b[j], c[j]));
+    }
+  }
+  for (; i < r.rows; ++i) {
     const int64_t at = i * r.stride;
     const bool nt = stream && simd::is_aligned<A>(dx + at);
     int64_t j = 0;
