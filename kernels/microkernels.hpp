@@ -664,30 +664,7 @@ void normalize_nhwc(const float* x, float* y, region r, const float* mean, const
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const bool relu = relu_out.relu;
-  int64_t i = 0;
-  // Without ReLU and with ordinary stores, two rows at a time: each vector
-  // of coefficients loaded once for both (4 loads per vector of output ->
-  // 2.5). bnorm_ab, inference: 32x2048x7x7 -19%, 8x512x7x7 -21%,
-  // 8x1024x14x14 -6%. With streaming stores the two rows' stores measured
-  // slower (4096x1024 +31%, 32x256x56x56 +26%), so those go row by row.
-  for (; !relu && !stream && i + 2 <= r.rows; i += 2) {
-    const float* x0 = x + i * r.stride;
-    const float* x1 = x0 + r.stride;
-    float* y0 = y + i * r.stride;
-    float* y1 = y0 + r.stride;
-    int64_t j = 0;
-    for (; j + W <= r.cols; j += W) {
-      const V m = V::load_unaligned(mean + j), s = V::load_unaligned(scale + j),
-              b = V::load_unaligned(shift + j);
-      madd(V::load_unaligned(x0 + j) - m, s, b).store_unaligned(y0 + j);
-      madd(V::load_unaligned(x1 + j) - m, s, b).store_unaligned(y1 + j);
-    }
-    for (; j < r.cols; ++j) {
-      y0[j] = madd1<A>(x0[j] - mean[j], scale[j], shift[j]);
-      y1[j] = madd1<A>(x1[j] - mean[j], scale[j], shift[j]);
-    }
-  }
-  for (; i < r.rows; ++i) {
+  for (int64_t i = 0; i < r.rows; ++i) {
     const float* xr = x + i * r.stride;
     float* yr = y + i * r.stride;
     const bool nt = stream && simd::is_aligned<A>(yr);
@@ -968,9 +945,12 @@ void backward_apply_nhwc(const float* x, const float* dy, float* dx, region r, c
   constexpr int64_t W = V::size;
   const V zero(0.f);
   int64_t i = 0;
-  // Two rows at a time when that measured faster in normalize_nhwc: with
-  // ordinary stores (and here without ReLU and with batch statistics), each
-  // vector of the four coefficients loaded once for both rows.
+  // With ordinary stores, no ReLU mask and batch statistics, two rows at a
+  // time: each vector of the four coefficients loaded once for both rows.
+  // bnorm_ab: 32x512x7x7 -8%, 256x1024 -4..-8%, 1x256x56x56 -10%,
+  // 128x512x7x7 and 8x512x28x28 -1%. (The same in normalize_nhwc measured
+  // -20% at 32x2048x7x7 but +36..+59% at 128x512x7x7, and with streaming
+  // stores +22..+31%: not used there.)
   for (; x && !relu_in.bits && !stream && i + 2 <= r.rows; i += 2) {
     const int64_t at0 = i * r.stride, at1 = at0 + r.stride;
     int64_t j = 0;
