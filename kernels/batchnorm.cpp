@@ -664,7 +664,7 @@ void merge_into(sums& acc, const sums& part) {
 //   slice(c, s): slice s of NCHW channel c
 // result_bytes, work_floats: per-channel NHWC scratch (see nhwc_scratch).
 //
-// NCHW channels of one slice (C >= kMaxSlices): each thread takes a range of
+// NCHW channels of one slice (C >= kMaxSlices, or one chunk): each thread takes a range of
 // channels and reduces them chunk row by chunk row, each row's chunks
 // channel after channel: the thread's part of every image in memory order,
 // a few long streams. Reducing channel after channel reads a channel's
@@ -672,6 +672,10 @@ void merge_into(sums& acc, const sums& part) {
 // 3.7 times as long (bnorm_moments 32x512x28x28: 2.4 ms -> 0.65 ms,
 // 32x256x56x56 -34%); the chunks and their order within a channel, hence
 // the results, are the same.
+bool nchw_one_slice(const plan& p) {
+  return !p.nhwc && !grouped(p) && p.slices == 1;
+}
+
 template <class R, class Item, class Group, class Chunk, class Slice>
 bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t result_bytes,
                      int64_t work_floats, R* out, Item item, Group group, Chunk chunk,
@@ -697,7 +701,7 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
       for (int64_t g = 0; g < groups(k, p); ++g)
         group(g * k.width, std::min(p.c, (g + 1) * k.width),
               [&](int64_t c, const R& result) { part[c] = result; });
-    } else if (p.slices == 1) {
+    } else if (nchw_one_slice(p)) {
       const int threads = omp_get_num_threads();
       const int64_t c0 = p.c * t / threads, c1 = p.c * (t + 1) / threads;
       for (int64_t ch = 0; ch < p.chunks; ++ch)
@@ -724,9 +728,10 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
 }
 
 bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt, partial* out) {
-  // Each NCHW channel's shift, from one chunk to the next (nchw_slice_moments).
-  const auto around = allocate<float>(p.c);
-  if (!around) return false;
+  // Each NCHW channel's shift, from one chunk to the next (nchw_slice_moments),
+  // when its chunks are reduced chunk row by chunk row.
+  std::unique_ptr<float[]> around;
+  if (nchw_one_slice(p) && !(around = allocate<float>(p.c))) return false;
   return reduction_phase<partial>(
       k, p, nt, sizeof(moments), 1, out,
       [&](const nhwc_item& it, partial* part, const nhwc_scratch& scratch, int t) {
