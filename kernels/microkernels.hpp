@@ -122,18 +122,15 @@ bool moments_nchw_shifted(const float* x, region r, float shift, moments* out) {
   return true;
 }
 
+// Pass 1 of the two-pass algorithm: x0 + sum(x - x0)/n, x0 the region's
+// first value. Four accumulators: FP adds have a latency of about four
+// cycles and we want the loop limited by loads, not by one dependency chain.
+// The row's tail goes through a masked vector (inactive lanes add 0).
 template <class A>
-moments moments_nchw(const float* x, region r, float shift) {
-  moments shifted;
-  if (!std::isnan(shift) && moments_nchw_shifted<A>(x, r, shift, &shifted)) return shifted;
+float provisional_mean(const float* x, region r) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
-  const double count = static_cast<double>(r.rows * r.cols);
   const int64_t tail = r.cols % W, body = r.cols - tail;
-
-  // Pass 1. Four accumulators: FP adds have a latency of about four cycles
-  // and we want the loop limited by loads, not by one dependency chain. The
-  // row's tail goes through a masked vector (inactive lanes add 0).
   const float x0 = x[0];
   const V vx0(x0);
   V s[4] = {V(0.f), V(0.f), V(0.f), V(0.f)};
@@ -150,9 +147,21 @@ moments moments_nchw(const float* x, region r, float shift) {
     if (tail) s[2] += simd::keep_first<A>(simd::load_first<A>(row + j, tail) - vx0, tail);
   }
   const float sum0 = xsimd::hadd((s[0] + s[1]) + (s[2] + s[3]));
-  const float m = static_cast<float>(x0 + sum0 / count);
+  return static_cast<float>(x0 + sum0 / static_cast<double>(r.rows * r.cols));
+}
 
-  // Pass 2.
+// Without a shift (a slice's first chunk), a region of several rows (NCHW:
+// images) is first reduced in one pass around its first row's mean: a
+// second pass over that row (in L1) instead of over the whole region. The
+// two passes follow only if that is too far from the region's mean.
+template <class A>
+moments moments_nchw(const float* x, region r, float shift) {
+  if (std::isnan(shift) && r.rows > 1) shift = provisional_mean<A>(x, {1, r.cols, r.stride});
+  moments shifted;
+  if (!std::isnan(shift) && moments_nchw_shifted<A>(x, r, shift, &shifted)) return shifted;
+  using V = simd::vfloat<A>;
+  const double count = static_cast<double>(r.rows * r.cols);
+  const float m = provisional_mean<A>(x, r);
   V d1, d2;
   deviation_sums<A>(x, r, V(m), &d1, &d2);
   const double sum1 = static_cast<double>(xsimd::hadd(d1));
