@@ -150,15 +150,9 @@ float provisional_mean(const float* x, region r) {
   return static_cast<float>(x0 + sum0 / static_cast<double>(r.rows * r.cols));
 }
 
-// Without a shift (a slice's first chunk), a region of several rows (NCHW:
-// images) is first reduced in one pass around its first row's mean: a
-// second pass over that row (in L1) instead of over the whole region. The
-// two passes follow only if that is too far from the region's mean.
+// The two passes over region r.
 template <class A>
-moments moments_nchw(const float* x, region r, float shift) {
-  if (std::isnan(shift) && r.rows > 1) shift = provisional_mean<A>(x, {1, r.cols, r.stride});
-  moments shifted;
-  if (!std::isnan(shift) && moments_nchw_shifted<A>(x, r, shift, &shifted)) return shifted;
+moments moments_two_pass(const float* x, region r) {
   using V = simd::vfloat<A>;
   const double count = static_cast<double>(r.rows * r.cols);
   const float m = provisional_mean<A>(x, r);
@@ -170,15 +164,40 @@ moments moments_nchw(const float* x, region r, float shift) {
   return {m + sum1 / count, std::max(0.0, sum2 - sum1 * sum1 / count)};
 }
 
+// Without a shift (a slice's first chunk), a region of several rows (NCHW:
+// images) is first reduced in one pass around its first row's mean: a
+// second pass over that row (in L1) instead of over the whole region. The
+// two passes follow only if that is too far from the region's mean. Only
+// rows of at least kShiftRowValues values: their mean, were the values
+// independent, lies within sigma/11 of the region's, well inside the
+// sigma/sqrt(7) that the test allows; 7x7 rows (49 values) measured slower
+// (the test failed, and three passes followed).
+constexpr int64_t kShiftRowValues = 128;
+
+inline bool first_row_shift(region r) {
+  return r.rows > 1 && r.cols >= kShiftRowValues;
+}
+
+template <class A>
+moments moments_nchw(const float* x, region r, float shift) {
+  if (std::isnan(shift) && first_row_shift(r)) shift = provisional_mean<A>(x, {1, r.cols, r.stride});
+  moments shifted;
+  if (!std::isnan(shift) && moments_nchw_shifted<A>(x, r, shift, &shifted)) return shifted;
+  return moments_two_pass<A>(x, r);
+}
+
 // NCHW channels with few values (a channel is one chunk of at most
 // kGroupValues, e.g. 7x7 at small batches): W channels at once, so that the
 // fixed costs of a reduction (horizontal sums, the double arithmetic) are
 // paid once per W channels. Channel j of the group is region r at
-// x + j * channel_stride; out[j] for j < channels <= W. Per channel, the same
-// two passes as moments_nchw with two accumulators (alternating vectors);
-// haddp then sums the W channels' vectors into one vector, lane j holding
-// channel j. The group is always channels [gW, gW + W) of the tensor, so a
-// channel's arithmetic depends only on the shape.
+// x + j * channel_stride; out[j] for j < channels <= W. Per channel, as
+// moments_nchw without a shift: pass 1 over the first row (the whole region
+// unless first_row_shift), pass 2 over the region, each with two accumulators
+// (alternating vectors); a channel of several rows whose first row's mean is
+// too far from its own gets the two passes (moments_two_pass). haddp sums
+// the W channels' vectors into one vector, lane j holding channel j. The
+// group is always channels [gW, gW + W) of the tensor, so a channel's
+// arithmetic depends only on the shape.
 
 template <class A>
 void moments_nchw_group(const float* x, region r, int64_t channels, int64_t channel_stride,
@@ -186,6 +205,8 @@ void moments_nchw_group(const float* x, region r, int64_t channels, int64_t chan
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const double count = static_cast<double>(r.rows * r.cols);
+  const bool one_pass = first_row_shift(r);
+  const region first = one_pass ? region{1, r.cols, r.stride} : r;
   alignas(64) float x0[W], m[W], s1[W], s2[W];
   V part[W], part2[W];
   for (int64_t j = 0; j < W; ++j) {
@@ -194,11 +215,11 @@ void moments_nchw_group(const float* x, region r, int64_t channels, int64_t chan
     if (j >= channels) continue;
     const V vx0(x0[j]);
     V s0(0.f), s1(0.f);
-    for_each_vector<A>(x + j * channel_stride, r, [&](V v) { return v - vx0; },
+    for_each_vector<A>(x + j * channel_stride, first, [&](V v) { return v - vx0; },
                        [&](V d, int k) { (k ? s1 : s0) += d; });
     part[j] = s0 + s1;
   }
-  (V::load_aligned(x0) + simd::haddp<A>(part) / V(static_cast<float>(count))).store_aligned(m);
+  (V::load_aligned(x0) + simd::haddp<A>(part) / V(static_cast<float>(first.rows * first.cols))).store_aligned(m);
   for (int64_t j = 0; j < W; ++j) {
     part[j] = part2[j] = V(0.f);
     if (j >= channels) continue;
@@ -207,9 +228,11 @@ void moments_nchw_group(const float* x, region r, int64_t channels, int64_t chan
   simd::haddp<A>(part).store_aligned(s1);
   simd::haddp<A>(part2).store_aligned(s2);
   for (int64_t j = 0; j < channels; ++j) {
-    if (std::isfinite(s1[j]) && std::isfinite(s2[j])) {
-      out[j] = {m[j] + s1[j] / count,
-                std::max(0.0, s2[j] - static_cast<double>(s1[j]) * s1[j] / count)};
+    const double d1 = s1[j], d2 = s2[j];
+    if (one_pass && !(d2 <= std::numeric_limits<float>::max() && 8.0 * d1 * d1 <= count * d2)) {
+      out[j] = moments_two_pass<A>(x + j * channel_stride, r);  // as moments_nchw_shifted's test
+    } else if (std::isfinite(d1) && std::isfinite(d2)) {
+      out[j] = {m[j] + d1 / count, std::max(0.0, d2 - d1 * d1 / count)};
     } else {
       out[j] = moments_double<A>(x + j * channel_stride, r);
     }
