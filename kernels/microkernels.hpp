@@ -696,6 +696,43 @@ void normalize_nhwc(const float* x, float* y, region r, const float* mean, const
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const bool relu = relu_out.relu;
+  // Rows of whole vectors (C a multiple of W), all of them aligned if
+  // streamed, and ReLU masks, if any, in whole bytes per vector: one loop
+  // with nothing per row but its start. Short rows paid the per-row work
+  // below (8x64x56x56: 4 vectors a row, inference -19% without it).
+  uint8_t* const mask = relu ? relu_out.bits : nullptr;
+  const bool whole_bytes = !mask || (W % 8 == 0 && relu_out.index % 8 == 0 && r.stride % 8 == 0);
+  if (r.cols % W == 0 && whole_bytes &&
+      (!stream || (simd::is_aligned<A>(y) && r.stride % W == 0))) {
+    auto rows = [&](auto nt, auto with_relu) {
+      for (int64_t i = 0; i < r.rows; ++i) {
+        const float* xr = x + i * r.stride;
+        float* yr = y + i * r.stride;
+        uint8_t* const bytes = mask ? mask + (relu_out.index + i * r.stride) / 8 : nullptr;
+        for (int64_t j = 0; j < r.cols; j += W) {
+          V v = madd(V::load_unaligned(xr + j) - V::load_unaligned(mean + j),
+                     V::load_unaligned(scale + j), V::load_unaligned(shift + j));
+          if (decltype(with_relu)::value) {
+            v = relu_vec<A>(v);
+            if (bytes) {
+              const uint32_t positive = to_bits<A>(v > V(0.f));
+              std::memcpy(bytes + j / 8, &positive, W / 8);  // little-endian: element j in bit 0
+            }
+          }
+          simd::store<A>(yr + j, v, decltype(nt)::value);
+        }
+      }
+    };
+    const std::true_type yes;
+    const std::false_type no;
+    if (stream) {
+      relu ? rows(yes, yes) : rows(yes, no);
+      _mm_sfence();
+    } else {
+      relu ? rows(no, yes) : rows(no, no);
+    }
+    return;
+  }
   for (int64_t i = 0; i < r.rows; ++i) {
     const float* xr = x + i * r.stride;
     float* yr = y + i * r.stride;
