@@ -132,8 +132,8 @@ TEST(Robustness, StatisticsAccurateWithLargeOffset) {
 }
 
 // NHWC with many rows: chunks after the first of a slice are reduced in one pass around the
-// previous chunk's means, and a chunk whose mean is far from that shift must be reduced again
-// with two passes. Rows here jump by 100 standard deviations every 256 rows (one chunk), and
+// previous chunk's means, the first chunks of the other slices around the first chunk's means,
+// and a chunk whose mean is far from that shift must be reduced again with two passes. Rows here jump by 100 standard deviations every 256 rows (one chunk), and
 // there are more chunks (70) than slices (64), so some slices hold two chunks with different
 // means; 520 channels take the row-order kernels (>= 512) and one group of 8 channels the
 // column kernels. Mean and variance as in StatisticsAccurateWithLargeOffset.
