@@ -4,6 +4,7 @@
 #   bench/run_bench.sh --quick            three problems, all operations (< 1 min), a table
 #   bench/run_bench.sh                    the full suite (~1500 rows, ~25 min), JSON
 #   bench/run_bench.sh --out r.json --benchmark_filter='fwd_inference/.*/bnorm/'
+#   bench/run_bench.sh --passes 2         the full suite twice, each row's best pass (docs)
 #
 # Options: --quick, --build DIR (the CMake build directory; default build,
 # then build-bench), --out FILE (JSON; default DIR/bench/bnorm_bench[_quick].json),
@@ -12,7 +13,11 @@
 # used the CPUs, or failed, are run again up to N times and merged into FILE),
 # --no-build (by default the script first brings bnorm_bench and the library
 # up to date with `cmake --build`, so that the commit it records is the one
-# measured).
+# measured), --passes N (default 1: run the suite N times, into FILE.pass1 ..
+# FILE.passN, and write to FILE each row's fastest pass against the fastest
+# copy in any pass: this machine runs at full or half speed for seconds to
+# minutes at a time, and a row and its peers' rows can fall into different
+# states; see report.py best_of_json).
 # Everything else goes to the binary (Google Benchmark flags).
 #
 # PyTorch allocates its outputs on every call. glibc returns large blocks to
@@ -28,6 +33,7 @@ build=""
 out=""
 wait_quiet=0
 reruns=2
+passes=1
 rebuild=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -35,6 +41,8 @@ while [ $# -gt 0 ]; do
     --wait-quiet) wait_quiet=1; shift ;;
     --no-build) rebuild=0; shift ;;
     --reruns) reruns=$2; shift 2 ;;
+    --passes) passes=$2; shift 2 ;;
+    --passes=*) passes=${1#--passes=}; shift ;;
     --reruns=*) reruns=${1#--reruns=}; shift ;;
     --build) build=$2; shift 2 ;;
     --build=*) build=${1#--build=}; shift ;;
@@ -124,22 +132,42 @@ if [ $quick = 1 ]; then
   # The table needs no plotting library; any python3 will do.
   exec python3 "$repo/bench/report.py" --summary "$out"
 else
-  "$bin" "$@"
-  # Rows that ran next to other processes (others_cpu in the JSON) or failed:
-  # run them again and let the new rows replace the old ones.
   shift 3  # the --benchmark_out/_format/_context set above
-  i=0
-  while [ "$i" -lt "$reruns" ]; do
-    filter=$("$python" "$repo/bench/report.py" --disturbed-filter "$out")
-    [ -n "$filter" ] || break
-    i=$((i + 1))
-    echo "run_bench.sh: rerun $i: $(echo "$filter" | tr '|' '\n' | wc -l) disturbed or failed rows" >&2
-    wait_until_quiet
-    "$bin" --benchmark_out="$out.rerun" --benchmark_out_format=json \
-      --benchmark_context="$context" "$@" --benchmark_filter="$filter"
-    "$python" "$repo/bench/report.py" --merge-into "$out" "$out" "$out.rerun"
-    rm -f "$out.rerun"
-  done
+  # One pass of the suite into $1, then the rows that ran next to other
+  # processes (others_cpu in the JSON) or failed, again, the new rows
+  # replacing the old ones.
+  run_pass() {
+    file=$1
+    shift
+    "$bin" --benchmark_out="$file" --benchmark_out_format=json --benchmark_context="$context" "$@"
+    i=0
+    while [ "$i" -lt "$reruns" ]; do
+      filter=$("$python" "$repo/bench/report.py" --disturbed-filter "$file")
+      [ -n "$filter" ] || break
+      i=$((i + 1))
+      echo "run_bench.sh: rerun $i: $(echo "$filter" | tr '|' '\n' | wc -l) disturbed or failed rows" >&2
+      wait_until_quiet
+      "$bin" --benchmark_out="$file.rerun" --benchmark_out_format=json \
+        --benchmark_context="$context" "$@" --benchmark_filter="$filter"
+      "$python" "$repo/bench/report.py" --merge-into "$file" "$file" "$file.rerun"
+      rm -f "$file.rerun"
+    done
+  }
+  if [ "$passes" -le 1 ]; then
+    run_pass "$out" "$@"
+  else
+    files=""
+    k=1
+    while [ "$k" -le "$passes" ]; do
+      echo "run_bench.sh: pass $k of $passes" >&2
+      wait_until_quiet
+      run_pass "$out.pass$k" "$@"
+      files="$files $out.pass$k"
+      k=$((k + 1))
+    done
+    # shellcheck disable=SC2086
+    "$python" "$repo/bench/report.py" --best-of "$out" $files
+  fi
   echo "results: $out" >&2
   echo "report:  $python $repo/bench/report.py $out   (writes docs/performance.md, docs/img/)" >&2
 fi
