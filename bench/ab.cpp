@@ -12,7 +12,8 @@
 // rounds of time / copy per library.
 //
 // Operations: fwd_training, fwd_training_relu, fwd_inference, backward,
-// moments (bnorm_moments alone), backward_reduce and backward_apply (the two
+// backward_relu (mask from the first library's ReLU forward), moments
+// (bnorm_moments alone), backward_reduce and backward_apply (the two
 // halves of backward, each compared with the copy of backward's traffic).
 // A LIB named `read` is no library: it reads x (and for the backward
 // operations dy) once, for the reading speed of the same run.
@@ -87,7 +88,8 @@ int main(int argc, char** argv) {
   if (argc < 5) {
     std::fprintf(stderr,
                  "usage: %s LIB [LIB...] PROBLEM nchw|nhwc "
-                 "fwd_training|fwd_training_relu|fwd_inference|backward|backward_reduce|backward_apply|moments\n",
+                 "fwd_training|fwd_training_relu|fwd_inference|backward|backward_relu|backward_reduce|"
+                 "backward_apply|moments\n",
                  argv[0]);
     return 2;
   }
@@ -156,9 +158,10 @@ int main(int argc, char** argv) {
     else if (op == "backward_apply")
       s = l.backward_apply(&shape, 1e-5f, 0, x, dy, gamma.data(), mean.data(), var.data(), nullptr,
                            sum_dy.data(), sum_dy_xhat.data(), n * spatial, dx);
-    else if (op == "backward")
-      s = l.backward(&shape, 1e-5f, 0, x, dy, gamma.data(), mean.data(), var.data(), nullptr, dx,
-                     dgamma.data(), dbeta.data());
+    else if (op == "backward" || op == "backward_relu")
+      s = l.backward(&shape, 1e-5f, op == "backward" ? 0u : unsigned(BNORM_FUSE_RELU), x, dy,
+                     gamma.data(), mean.data(), var.data(), mask.data(), dx, dgamma.data(),
+                     dbeta.data());
     else {
       std::fprintf(stderr, "bnorm_ab: unknown operation %s\n", op.c_str());
       std::exit(2);
@@ -169,6 +172,13 @@ int main(int argc, char** argv) {
     }
   };
 
+  // backward_relu's mask: the ReLU forward of the first library.
+  if (op == "backward_relu" && libs[0].training &&
+      libs[0].training(&shape, 1e-5f, BNORM_FUSE_RELU, x, gamma.data(), beta.data(), y,
+                       mean.data(), var.data(), mask.data()) != BNORM_SUCCESS) {
+    std::fprintf(stderr, "bnorm_ab: the forward pass for the mask failed\n");
+    return 1;
+  }
   const double traffic = static_cast<double>(total) * sizeof(float) * (backward ? 3 : 2);
   const int calls = std::max(3, static_cast<int>(0.02 / (traffic / 50e9)));
   constexpr int kRounds = 9;

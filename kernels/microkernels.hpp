@@ -1013,6 +1013,39 @@ void backward_apply_nhwc(const float* x, const float* dy, float* dx, region r, c
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const V zero(0.f);
+  // Rows of whole vectors (C a multiple of W) with a ReLU mask in whole
+  // bytes per vector, or streamed to aligned rows: one loop with nothing per
+  // row but its start, the mask's bytes loaded directly (as normalize_nhwc).
+  const bool whole_bytes = !relu_in.bits || (W % 8 == 0 && relu_in.index % 8 == 0 && r.stride % 8 == 0);
+  if ((relu_in.bits || stream) && r.cols % W == 0 && whole_bytes &&
+      (!stream || (simd::is_aligned<A>(dx) && r.stride % W == 0))) {
+    auto rows = [&](auto nt, auto with_mask) {
+      for (int64_t i = 0; i < r.rows; ++i) {
+        const int64_t at = i * r.stride;
+        for (int64_t j = 0; j < r.cols; j += W) {
+          V g = V::load_unaligned(dy + at + j);
+          if (decltype(with_mask)::value) {
+            uint32_t bits = 0;
+            std::memcpy(&bits, relu_in.bits + (relu_in.index + at + j) / 8, W / 8);
+            g = xsimd::select(from_bits<A>(bits), g, zero);
+          }
+          const V rest = x ? madd(V::load_unaligned(x + at + j) - V::load_unaligned(mean + j),
+                                  V::load_unaligned(b + j), V::load_unaligned(c + j))
+                           : zero;
+          simd::store<A>(dx + at + j, madd(V::load_unaligned(a + j), g, rest), decltype(nt)::value);
+        }
+      }
+    };
+    const std::true_type yes;
+    const std::false_type no;
+    if (stream) {
+      relu_in.bits ? rows(yes, yes) : rows(yes, no);
+      _mm_sfence();
+    } else {
+      rows(no, yes);
+    }
+    return;
+  }
   int64_t i = 0;
   // With ordinary stores, no ReLU mask and batch statistics, two rows at a
   // time: each vector of the four coefficients loaded once for both rows.
