@@ -955,8 +955,16 @@ void backward_reduce_nhwc(const float* x, const float* dy, region r, const float
                           relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu) {
   constexpr int64_t W = simd::vfloat<A>::size;
   // Rows in memory order, as moments_nhwc does for wide rows, measured
-  // slower here (two arrays: 128x512x49 +9%, 4096x1024 +8%).
+  // slower here (two arrays: 128x512x49 +9%, 4096x1024 +8%). Rows of
+  // 8 vectors with 32 registers (AVX-512: C = 128) in one group, in memory
+  // order: 32x128x28x28 -13..-15%, 128x128x28x28 -18..-22%. Groups of 8
+  // vectors that are parts of longer rows measured slower (+8..+28%, C = 256
+  // to 1024). Every channel is one lane whatever the group: the same bits.
   int64_t j = 0;
+  if (W == 16 && r.cols == 8 * W && r.stride == r.cols) {
+    backward_reduce_columns<A, 8>(x, dy, r, 0, mean, relu_in, sum_dy, sum_dy_xmu);
+    return;
+  }
   for (; j + 4 * W <= r.cols; j += 4 * W)
     backward_reduce_columns<A, 4>(x, dy, r, j, mean, relu_in, sum_dy, sum_dy_xmu);
   for (; j + W <= r.cols; j += W)
