@@ -113,6 +113,28 @@ TEST_P(Layouts, TwoDimensionalInput) {
     }
 }
 
+// Channel counts where the NHWC kernels change form: rows of exactly 8 AVX-512 vectors (128,
+// one group in the backward sums), rows from 512 channels on (the moments in memory order), and
+// neighbours; with and without ReLU.
+TEST_P(Layouts, ChannelCountsOfKernelForms) {
+  int k = 0;
+  for (int64_t c : {int64_t(128), int64_t(130), int64_t(512), int64_t(1040)})
+    for (bool relu : {false, true}) {
+      ++k;
+      BnormTester()
+          .layout(GetParam())
+          .n(3)
+          .c(c)
+          .spatial(30)
+          .offset(kOffsets[k % 3])
+          .eps(kEps[k % 3])
+          .seed(991 + k)
+          .relu(relu)
+          .Test();
+      if (HasFailure()) return;
+    }
+}
+
 // 3-D inputs: spatial is D*H*W (the library only sees the product).
 TEST_P(Layouts, ThreeDimensionalInput) {
   struct {
