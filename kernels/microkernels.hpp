@@ -164,23 +164,53 @@ moments moments_two_pass(const float* x, region r) {
   return {m + sum1 / count, std::max(0.0, sum2 - sum1 * sum1 / count)};
 }
 
-// Without a shift (a slice's first chunk), a region of several rows (NCHW:
-// images) is first reduced in one pass around its first row's mean: a
-// second pass over that row (in L1) instead of over the whole region. The
-// two passes follow only if that is too far from the region's mean. Only
-// rows of at least kShiftRowValues values: their mean, were the values
-// independent, lies within sigma/11 of the region's, well inside the
-// sigma/sqrt(7) that the test allows; 7x7 rows (49 values) measured slower
-// (the test failed, and three passes followed).
+// Without a shift (a slice's first chunk), a region is first reduced in one
+// pass around a provisional mean from part of it; the two passes follow only
+// if that is too far from the region's mean. The part: rows of at least
+// kSampleRowValues values give every 8th vector of every row (an eighth of
+// the region, spread over all of it); rows of at least kShiftRowValues give
+// the first row (NCHW: one image's plane of the channel). Either holds at
+// least 128 values: their mean, were the values independent, lies within
+// sigma/11 of the region's, well inside the sigma/sqrt(7) the test allows.
+// Shorter rows (7x7: 49 values) take the two passes: with only their first
+// row, the test failed and three passes followed.
 constexpr int64_t kShiftRowValues = 128;
+constexpr int64_t kSampleRowValues = 256;
 
 inline bool first_row_shift(region r) {
   return r.rows > 1 && r.cols >= kShiftRowValues;
 }
 
+// The mean of every 8th vector of every row of r (r.cols >= 8 W).
+template <class A>
+float sampled_mean(const float* x, region r) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const float x0 = x[0];
+  const V vx0(x0);
+  V s0(0.f), s1(0.f);
+  int64_t n = 0;
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const float* row = x + i * r.stride;
+    int64_t j = 0;
+    for (; j + 16 * W <= r.cols; j += 16 * W) {
+      s0 += V::load_unaligned(row + j) - vx0;
+      s1 += V::load_unaligned(row + j + 8 * W) - vx0;
+    }
+    if (j + W <= r.cols) s0 += V::load_unaligned(row + j) - vx0;
+    n += (r.cols / W + 7) / 8 * W;
+  }
+  return static_cast<float>(x0 + xsimd::hadd(s0 + s1) / static_cast<double>(n));
+}
+
 template <class A>
 moments moments_nchw(const float* x, region r, float shift) {
-  if (std::isnan(shift) && first_row_shift(r)) shift = provisional_mean<A>(x, {1, r.cols, r.stride});
+  if (std::isnan(shift)) {
+    if (r.cols >= kSampleRowValues)
+      shift = sampled_mean<A>(x, r);
+    else if (first_row_shift(r))
+      shift = provisional_mean<A>(x, {1, r.cols, r.stride});
+  }
   moments shifted;
   if (!std::isnan(shift) && moments_nchw_shifted<A>(x, r, shift, &shifted)) return shifted;
   return moments_two_pass<A>(x, r);
