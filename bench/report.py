@@ -639,19 +639,25 @@ def write_markdown(res, path, images, img_rel):
         f.write("\n".join(out))
 
 
-def merge_json(paths, out):
-    """Benchmarks of all files, a later row replacing an earlier one of the same name."""
-    merged = None
-    rows = collections.OrderedDict()
+def read_files(paths):
+    """The first file's JSON (context and all) and every file's benchmarks, in order."""
+    first, benchmarks = None, []
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        if merged is None:
-            merged = data
-        for b in data.get("benchmarks", []):
-            key = (b.get("run_name", b["name"]), b.get("run_type"), b.get("aggregate_name"),
-                   b.get("repetition_index"))
-            rows[key] = b
+        first = first or data
+        benchmarks.extend(data.get("benchmarks", []))
+    return first, benchmarks
+
+
+def merge_json(paths, out):
+    """Benchmarks of all files, a later row replacing an earlier one of the same name."""
+    merged, benchmarks = read_files(paths)
+    rows = collections.OrderedDict()
+    for b in benchmarks:
+        key = (b.get("run_name", b["name"]), b.get("run_type"), b.get("aggregate_name"),
+               b.get("repetition_index"))
+        rows[key] = b
     merged["benchmarks"] = list(rows.values())
     merged.setdefault("context", {})["merged_from"] = " ".join(
         os.path.basename(p) for p in paths)
@@ -666,16 +672,10 @@ def best_of_json(paths, out):
     at a time (other virtual machines share it); a row and the rows of its peers,
     measured seconds apart, may fall into different states. The best of passes
     minutes apart gives every implementation, and the copy, its full-speed figure."""
-    merged = None
+    merged, benchmarks = read_files(paths)
     rows = collections.OrderedDict()
-    for path in paths:
-        with open(path) as f:
-            data = json.load(f)
-        if merged is None:
-            merged = data
-        for b in data.get("benchmarks", []):
-            if b.get("run_type") == "aggregate":
-                continue
+    for b in benchmarks:
+        if b.get("run_type") != "aggregate":
             rows.setdefault(b.get("run_name", b["name"]), []).append(b)
     best = []
     for bs in rows.values():
