@@ -51,6 +51,9 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
+case $passes in
+  '' | *[!0-9]* | 0) echo "run_bench.sh: --passes takes a number >= 1" >&2; exit 2 ;;
+esac
 
 if [ -z "$build" ]; then
   for d in "$repo/build" "$repo/build-bench"; do
@@ -156,17 +159,20 @@ else
   if [ "$passes" -le 1 ]; then
     run_pass "$out" "$@"
   else
-    files=""
     k=1
     while [ "$k" -le "$passes" ]; do
       echo "run_bench.sh: pass $k of $passes" >&2
       wait_until_quiet
       run_pass "$out.pass$k" "$@"
-      files="$files $out.pass$k"
       k=$((k + 1))
     done
-    # shellcheck disable=SC2086
-    "$python" "$repo/bench/report.py" --best-of "$out" $files
+    set --  # the binary's arguments are done with: now the pass files
+    k=1
+    while [ "$k" -le "$passes" ]; do
+      set -- "$@" "$out.pass$k"
+      k=$((k + 1))
+    done
+    "$python" "$repo/bench/report.py" --best-of "$out" "$@"
   fi
   echo "results: $out" >&2
   echo "report:  $python $repo/bench/report.py $out   (writes docs/performance.md, docs/img/)" >&2

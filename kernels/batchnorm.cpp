@@ -66,8 +66,10 @@ constexpr int64_t kPrefetchFloats = 65536;
 // Slices: NHWC tensors are cut into at most kMaxSlices slices of rows (all
 // channels), NCHW channels into at most kMaxSlices / C slices each: enough
 // for 64 threads in both cases, and scratch of at most kMaxSlices x C partial
-// moments. Fewer slices mean longer ones, and every chunk of a slice but the
-// first is reduced in a single pass (see nchw_slice_moments).
+// moments. Fewer slices mean longer ones; every chunk of a slice but the
+// first is reduced in a single pass around the previous chunk's mean when it
+// is close, the first around a provisional mean (see moments_nchw and
+// nhwc_item_moments).
 constexpr int64_t kMaxSlices = 64;
 // Below this many bytes per thread (of traffic: inputs and outputs), another
 // thread costs more than it saves. 256 KiB kept 1x512x7x7 (200-300 KB of
@@ -1037,10 +1039,11 @@ bnorm_status out_of_memory(const char* fn, int64_t c) {
               static_cast<long long>(c));
 }
 
-// Scratch floats per channel of the elementwise passes, each array on a
-// cache line (allocate): scale, shift and a copy of the mean for the
-// normalize; a, b, c and a copy of the mean for the backward apply. The
-// copies give the NHWC kernels aligned vectors whatever the caller's arrays.
+// Scratch floats per channel of the elementwise passes: scale, shift and a
+// copy of the mean for the normalize; a, b, c and a copy of the mean for the
+// backward apply. The scratch starts on a cache line (allocate), and so does
+// every array in it when C is a multiple of 16 (as in CNNs): the copy gives
+// the NHWC kernels aligned vectors of the mean whatever the caller's array.
 constexpr int64_t kNormalizeScratch = 3;
 constexpr int64_t kApplyScratch = 4;
 

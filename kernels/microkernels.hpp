@@ -166,19 +166,24 @@ moments moments_two_pass(const float* x, region r) {
 
 // Without a shift (a slice's first chunk), a region is first reduced in one
 // pass around a provisional mean from part of it; the two passes follow only
-// if that is too far from the region's mean. The part: rows of at least
-// kSampleRowValues values give every 8th vector of every row (an eighth of
-// the region, spread over all of it); rows of at least kShiftRowValues give
-// the first row (NCHW: one image's plane of the channel). Either holds at
-// least 128 values: their mean, were the values independent, lies within
-// sigma/11 of the region's, well inside the sigma/sqrt(7) the test allows.
-// Shorter rows (7x7: 49 values) take the two passes: with only their first
-// row, the test failed and three passes followed.
-constexpr int64_t kShiftRowValues = 128;
+// if that is too far from the region's mean. The part: every 8th vector of
+// every row (an eighth of the region, spread over all of it) when rows hold
+// at least kSampleRowValues values, else the first row (NCHW: one image's
+// plane of the channel) when there are several; either only if it holds at
+// least kShiftValues values: their mean, were the values independent, lies
+// within sigma/11 of the region's, well inside the sigma/sqrt(7) the test
+// allows. Otherwise (7x7 rows: 49 values) the two passes: with only a first
+// row of 49, the test failed and three passes followed.
+constexpr int64_t kShiftValues = 128;
 constexpr int64_t kSampleRowValues = 256;
 
 inline bool first_row_shift(region r) {
-  return r.rows > 1 && r.cols >= kShiftRowValues;
+  return r.rows > 1 && r.cols >= kShiftValues;
+}
+
+// Values that sampled_mean reads.
+inline int64_t sampled_values(region r, int64_t width) {
+  return r.rows * ((r.cols / width + 7) / 8) * width;
 }
 
 // The mean of every 8th vector of every row of r (r.cols >= 8 W).
@@ -189,7 +194,6 @@ float sampled_mean(const float* x, region r) {
   const float x0 = x[0];
   const V vx0(x0);
   V s0(0.f), s1(0.f);
-  int64_t n = 0;
   for (int64_t i = 0; i < r.rows; ++i) {
     const float* row = x + i * r.stride;
     int64_t j = 0;
@@ -198,15 +202,15 @@ float sampled_mean(const float* x, region r) {
       s1 += V::load_unaligned(row + j + 8 * W) - vx0;
     }
     if (j + W <= r.cols) s0 += V::load_unaligned(row + j) - vx0;
-    n += (r.cols / W + 7) / 8 * W;
+    if (j + 9 * W <= r.cols) s1 += V::load_unaligned(row + j + 8 * W) - vx0;
   }
-  return static_cast<float>(x0 + xsimd::hadd(s0 + s1) / static_cast<double>(n));
+  return static_cast<float>(x0 + xsimd::hadd(s0 + s1) / static_cast<double>(sampled_values(r, W)));
 }
 
 template <class A>
 moments moments_nchw(const float* x, region r, float shift) {
   if (std::isnan(shift)) {
-    if (r.cols >= kSampleRowValues)
+    if (r.cols >= kSampleRowValues && sampled_values(r, simd::vfloat<A>::size) >= kShiftValues)
       shift = sampled_mean<A>(x, r);
     else if (first_row_shift(r))
       shift = provisional_mean<A>(x, {1, r.cols, r.stride});

@@ -186,8 +186,8 @@ TEST(Robustness, DriftingChunksKeepStatisticsAccurate) {
 // digit. 14x14 images: 20 per chunk (moments_nchw), and at batch 10 a channel is one chunk of
 // the group kernel (moments_nchw_group). Batch 1 with 56x56 images: one chunk of one row per
 // channel, reduced around the mean of every 8th vector; there the first 16 values of every
-// 128 are the outliers (all that AVX-512 samples, part of it with narrower vectors). The
-// variance must be as close as two passes get it.
+// 128 of each channel are the outliers (all that AVX-512 samples, part of it with narrower
+// vectors). The variance must be as close as two passes get it.
 TEST(Robustness, OutlierFirstImageKeepsStatisticsAccurate) {
   for (int64_t n : {10, 40, 1}) {
     const bnorm_shape sh{n, 64, n == 1 ? 3136 : 196, BNORM_NCHW};
@@ -197,7 +197,7 @@ TEST(Robustness, OutlierFirstImageKeepsStatisticsAccurate) {
     std::normal_distribution<double> z;
     std::vector<float> xv(count);
     for (int64_t i = 0; i < count; ++i) {
-      const bool outlier = n == 1 ? i % 128 < 16 : i / (sh.c * sh.spatial) == 0;
+      const bool outlier = n == 1 ? i % sh.spatial % 128 < 16 : i / (sh.c * sh.spatial) == 0;
       xv[i] = float((outlier ? 3000.0 : 0.0) + z(rng));
     }
     const TrainingStats s = training_stats(sh, xv);
@@ -550,8 +550,9 @@ Outputs run_split(const Problem& p) {
 }
 
 // The operators are bitwise their split-phase forms (bnorm.h promises it), whichever path
-// they take: NCHW channel blocks fused in cache, NCHW phases, NHWC column blocks fused in
-// cache with one slice of rows and with several, NHWC phases; 1 and 2 threads.
+// they take: NCHW channel blocks fused in cache (in the small_cache run, BNORM_CACHE_BYTES: they
+// are used only beyond the L3), NCHW phases, NHWC column blocks fused in cache with one slice of
+// rows and with several, NHWC phases; 1 and 2 threads.
 TEST(Robustness, OperatorsAreBitwiseTheirSplitPhases) {
   OmpThreadsGuard guard;
   struct {
