@@ -114,11 +114,11 @@ TEST_P(Layouts, TwoDimensionalInput) {
 }
 
 // Channel counts where the NHWC kernels change form: rows of exactly 8 AVX-512 vectors (128,
-// one group in the backward sums), rows from 512 channels on (the moments in memory order), and
-// neighbours; with and without ReLU.
+// one group in the backward sums), 256-511 channels (the backward sums in memory order), rows
+// from 512 channels on (the moments in memory order), and neighbours; with and without ReLU.
 TEST_P(Layouts, ChannelCountsOfKernelForms) {
   int k = 0;
-  for (int64_t c : {int64_t(128), int64_t(130), int64_t(512), int64_t(1040)})
+  for (int64_t c : {int64_t(128), int64_t(130), int64_t(256), int64_t(512), int64_t(1040)})
     for (bool relu : {false, true}) {
       ++k;
       BnormTester()
