@@ -257,6 +257,10 @@ int64_t l2_bytes() {
 // cache to the inputs. In cache, ordinary stores are faster.
 bool stream_for(int64_t bytes) { return bytes > cache_bytes(); }
 
+// The NHWC reductions' `far`: the tensor and an output of its size do not
+// fit in the cache together (the forward's test for streaming stores).
+bool far(const plan& p) { return stream_for(2 * p.count * p.c * static_cast<int64_t>(sizeof(float))); }
+
 int threads_for(int64_t bytes) {
   const int64_t useful = bytes / kBytesPerThread;
   const int max_threads = omp_get_max_threads();
@@ -400,7 +404,7 @@ void nhwc_item_moments(const kernel_table& k, const plan& p, const float* x, con
     const int64_t at = nhwc_part(p, it, ch, &r);
     prefetch_next_chunk(p, it, ch, x, nullptr);
     const bool first = ch == slice_begin(p, it.slice);
-    k.moments_nhwc(x + at, r, first ? first_shift : shift + it.c0, chunk + it.c0);
+    k.moments_nhwc(x + at, r, first ? first_shift : shift + it.c0, far(p), chunk + it.c0);
     merge_same_count(acc + it.c0, chunk + it.c0, r.cols, static_cast<double>(r.rows));
     if (ch == 0 && pilot_out)
       for (int64_t j = it.c0; j < it.c1; ++j) pilot_out[j] = static_cast<float>(chunk[j].mean);
@@ -775,7 +779,7 @@ void nhwc_pilot(const kernel_table& k, const plan& p, const float* x, int64_t c0
                 moments* first, float* pilot) {
   region r;
   const int64_t at = nhwc_part(p, nhwc_item{0, c0, c1}, 0, &r);
-  k.moments_nhwc(x + at, r, nullptr, first + c0);
+  k.moments_nhwc(x + at, r, nullptr, far(p), first + c0);
   for (int64_t j = c0; j < c1; ++j) pilot[j] = static_cast<float>(first[j].mean);
 }
 

@@ -73,7 +73,9 @@ struct kernel_table {
   // NHWC: column j is channel j; out[j] for j < r.cols. shift: nullptr, or
   // r.cols values near the channels' means (the previous chunk's), which
   // allow a single pass over the data (microkernels.hpp).
-  void (*moments_nhwc)(const float* x, region r, const float* shift, moments* out);
+  // far: the tensor is larger than the cache (rows of 256-511 channels are
+  // then reduced in memory order; the same bits either way).
+  void (*moments_nhwc)(const float* x, region r, const float* shift, bool far, moments* out);
 
   // scale[j] = gamma[j] / sqrt(var[j] + eps) (gamma null: 1) for j < n, a
   // vector of channels at a time (correctly rounded IEEE operations: the
