@@ -399,12 +399,13 @@ void nhwc_item_moments(const kernel_table& k, const plan& p, const float* x, con
                        float* pilot_out) {
   for (int64_t j = it.c0; j < it.c1; ++j) acc[j] = {{0, 0}, 0};
   const float* const first_shift = it.slice > 0 && pilot ? pilot + it.c0 : nullptr;
+  const bool beyond_cache = far(p);
   for (int64_t ch = slice_begin(p, it.slice); ch < slice_begin(p, it.slice + 1); ++ch) {
     region r;
     const int64_t at = nhwc_part(p, it, ch, &r);
     prefetch_next_chunk(p, it, ch, x, nullptr);
     const bool first = ch == slice_begin(p, it.slice);
-    k.moments_nhwc(x + at, r, first ? first_shift : shift + it.c0, far(p), chunk + it.c0);
+    k.moments_nhwc(x + at, r, first ? first_shift : shift + it.c0, beyond_cache, chunk + it.c0);
     merge_same_count(acc + it.c0, chunk + it.c0, r.cols, static_cast<double>(r.rows));
     if (ch == 0 && pilot_out)
       for (int64_t j = it.c0; j < it.c1; ++j) pilot_out[j] = static_cast<float>(chunk[j].mean);
@@ -1174,8 +1175,7 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
       scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
       std::copy(mean + c0, mean + c1, aligned_mean + c0);
       k.normalize_nhwc(x + c0, y + c0, {p.rows, c1 - c0, p.c}, aligned_mean + c0, scale + c0,
-                       shift + c0,
-                       {relu, relu_mask, c0}, args.stream);
+                       shift + c0, {relu, relu_mask, c0}, args.stream);
     }
     return succeed();
   }

@@ -425,10 +425,14 @@ void moments_columns(const float* x, region r, int64_t j0, const float* shift, m
 // so the results are bitwise the same.
 constexpr int64_t kStreamRowsFrom = 512;
 constexpr int64_t kStreamBlock = 512;
-constexpr int64_t kFarRowsFrom = 256;
+// Rows of kOneRowFrom to kStreamRowsFrom - 1 channels go one row at a time in
+// memory order, with the sums in L1: always in the backward sums
+// (backward_reduce_rows), in the moments for tensors beyond the cache
+// (moments_nhwc's `far`).
+constexpr int64_t kOneRowFrom = 256;
 
 // Calls add(i, j, u) for the vectors at columns j (a multiple of W in
-// [c0, c1)) of rows i..i+u-1, u <= 4, in row order for every j.
+// [c0, c1)) of rows i..i+u-1, u <= U, in row order for every j.
 template <class A, int U = 4, class Add>
 inline void stream_rows(region r, int64_t c0, int64_t c1, Add add) {
   constexpr int64_t W = simd::vfloat<A>::size;
@@ -510,22 +514,26 @@ template <class A>
 void moments_nhwc(const float* x, region r, const float* shift, bool far, moments* out) {
   constexpr int64_t W = simd::vfloat<A>::size;
   int64_t j = 0;
-  // Rows of kFarRowsFrom to kStreamRowsFrom - 1 channels of tensors larger
+  // Rows of kOneRowFrom to kStreamRowsFrom - 1 channels of tensors larger
   // than the cache: one row after the other, as the backward sums do
   // (backward_reduce_rows): forward training 32x256x56x56 -11%, 8x256x56x56
   // -7..-10%, 65536x256 -6..-19%; in cache (32x256x14x14) +19%, hence `far`.
-  if (r.stride >= kStreamRowsFrom || (far && r.stride >= kFarRowsFrom)) {
-    for (const int64_t end = r.cols / (4 * W) * (4 * W); j < end; j += kStreamBlock) {
+  auto in_rows = [&](auto rows_per_step) {
+    constexpr int U = decltype(rows_per_step)::value;
+    const int64_t end = r.cols / (4 * W) * (4 * W);
+    for (; j < end; j += kStreamBlock) {
       const int64_t c1 = std::min(end, j + kStreamBlock);
-      const bool one = r.stride < kStreamRowsFrom;
       if (shift)
-        one ? moments_rows_shifted<A, 1>(x, r, j, c1, shift, out)
-            : moments_rows_shifted<A>(x, r, j, c1, shift, out);
+        moments_rows_shifted<A, U>(x, r, j, c1, shift, out);
       else
-        one ? moments_rows<A, 1>(x, r, j, c1, out) : moments_rows<A>(x, r, j, c1, out);
+        moments_rows<A, U>(x, r, j, c1, out);
     }
-    j = r.cols / (4 * W) * (4 * W);
-  }
+    j = end;
+  };
+  if (r.stride >= kStreamRowsFrom)
+    in_rows(std::integral_constant<int, 4>{});
+  else if (far && r.stride >= kOneRowFrom)
+    in_rows(std::integral_constant<int, 1>{});
   for (; j + 4 * W <= r.cols; j += 4 * W) moments_columns<A, 4>(x, r, j, shift, out);
   for (; j + W <= r.cols; j += W) moments_columns<A, 1>(x, r, j, shift, out);
   // Tail channels: the same operations as one vector lane, in scalar.
@@ -991,7 +999,7 @@ void backward_reduce_columns(const float* x, const float* dy, region r, int64_t 
   backward_sums_out<A>(x, dy, r, j0, Q * W, mean, relu_in, a0, a1, sum_dy, sum_dy_xmu);
 }
 
-// NHWC rows of kSumRowsFrom to kStreamBlock - 1 channels (a multiple of W):
+// NHWC rows of kOneRowFrom to kStreamRowsFrom - 1 channels (a multiple of W):
 // one row after the other, in memory order, with the sums in L1. The column
 // groups read 256 bytes of each 1-2 KiB row per pass, four passes or more
 // over a chunk, without the next-group prefetch of wider rows; in memory
@@ -1000,7 +1008,6 @@ void backward_reduce_columns(const float* x, const float* dy, region r, int64_t 
 // slower). Other widths measured slower or mixed this way (64: +5..+10%;
 // 128: up to +50%; 512 and 1024: -15..+25%; 2048: +15%). Every channel
 // gets the same operations in the same order as in a column group.
-constexpr int64_t kSumRowsFrom = 256;
 
 template <class A>
 void backward_reduce_rows(const float* x, const float* dy, region r, const float* mean,
@@ -1013,16 +1020,15 @@ void backward_reduce_rows(const float* x, const float* dy, region r, const float
     zero.store_aligned(a0 + j);
     zero.store_aligned(a1 + j);
   }
-  for (int64_t i = 0; i < r.rows; ++i)
-    for (int64_t j = 0; j < r.cols; j += W) {
-      const int64_t at = i * r.stride + j;
-      V g = V::load_unaligned(dy + at);
-      if (relu_in.bits)
-        g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, relu_in.index + at, W)), g, zero);
-      (V::load_aligned(a0 + j) + g).store_aligned(a0 + j);
-      madd(g, V::load_unaligned(x + at) - V::load_unaligned(mean + j), V::load_aligned(a1 + j))
-          .store_aligned(a1 + j);
-    }
+  stream_rows<A, 1>(r, 0, r.cols, [&](int64_t i, int64_t j, auto) {
+    const int64_t at = i * r.stride + j;
+    V g = V::load_unaligned(dy + at);
+    if (relu_in.bits)
+      g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, relu_in.index + at, W)), g, zero);
+    (V::load_aligned(a0 + j) + g).store_aligned(a0 + j);
+    madd(g, V::load_unaligned(x + at) - V::load_unaligned(mean + j), V::load_aligned(a1 + j))
+        .store_aligned(a1 + j);
+  });
   backward_sums_out<A>(x, dy, r, 0, r.cols, mean, relu_in, a0, a1, sum_dy, sum_dy_xmu);
 }
 
@@ -1030,7 +1036,7 @@ template <class A>
 void backward_reduce_nhwc(const float* x, const float* dy, region r, const float* mean,
                           relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu) {
   constexpr int64_t W = simd::vfloat<A>::size;
-  if (r.stride >= kSumRowsFrom && r.stride < kStreamBlock && r.cols % W == 0) {
+  if (r.stride >= kOneRowFrom && r.stride < kStreamRowsFrom && r.cols % W == 0) {
     backward_reduce_rows<A>(x, dy, r, mean, relu_in, sum_dy, sum_dy_xmu);
     return;
   }
