@@ -83,7 +83,8 @@ struct plan {
   int64_t count;      // values per channel: n * spatial
   int64_t rows;       // NHWC: n * spatial rows of c; NCHW: n rows of spatial per channel
   int64_t stride;     // floats between rows: c (NHWC) or c * spatial (NCHW)
-  int64_t row_chunk;  // whole rows per chunk (NCHW: 0 when rows are cut into pieces)
+  int64_t row_chunk;  // whole rows per chunk (NCHW: 0 when rows are cut into pieces;
+                      // NHWC: some chunks have a row more, see nhwc_chunk)
   int64_t pieces;     // NCHW: chunks per row when rows are cut
   int64_t chunks;     // chunks per channel (NCHW) or per column block (NHWC)
   int64_t slices;
@@ -104,8 +105,14 @@ plan make_plan(const bnorm_shape& s) {
   if (p.nhwc) {
     p.rows = p.count;
     p.stride = s.c;
-    p.row_chunk = kChunkRows;
-    p.chunks = (p.rows + p.row_chunk - 1) / p.row_chunk;
+    // Chunks of equal length (to a row, see nhwc_chunk), and an even number
+    // of them when there are several: tensors of fewer chunks than
+    // kMaxSlices have a chunk per slice, and two threads then get equal
+    // shares (8x512x7x7: 196 + 196 rows, not 256 + 136; 8x256x14x14: 4 + 4
+    // chunks of 196 rows, not 3 + 4 of 224 or 256).
+    p.chunks = (p.rows + kChunkRows - 1) / kChunkRows;
+    if (p.chunks > 1) p.chunks += p.chunks % 2;
+    p.row_chunk = p.rows / p.chunks;  // the first rows % chunks chunks have a row more
   } else {
     p.rows = s.n;
     p.stride = s.c * s.spatial;
@@ -146,8 +153,9 @@ void prefetch_floats(const float* p, int64_t n) {
 
 // Chunk k of an NHWC tensor: whole rows.
 int64_t nhwc_chunk(const plan& p, int64_t k, region* r) {
-  const int64_t row = k * p.row_chunk;
-  *r = {std::min(p.row_chunk, p.rows - row), p.c, p.stride};
+  const int64_t longer = p.rows - p.row_chunk * p.chunks;  // chunks of row_chunk + 1 rows
+  const int64_t row = k * p.row_chunk + std::min(k, longer);
+  *r = {p.row_chunk + (k < longer ? 1 : 0), p.c, p.stride};
   return row * p.stride;
 }
 
@@ -184,6 +192,12 @@ struct nhwc_work {
     if (p.slices < nt) blocks = std::min<int64_t>(groups, nt);
   }
   int64_t items() const { return p.slices * blocks; }
+  // Channels in the narrowest column block.
+  int64_t narrowest() const {
+    int64_t least = p.c;
+    for (int64_t b = 0; b < blocks; ++b) least = std::min(least, item(b).c1 - item(b).c0);
+    return least;
+  }
   nhwc_item item(int64_t i) const {
     const int64_t b = i % blocks, groups = (p.c + kColumnGroup - 1) / kColumnGroup;
     return {i / blocks, std::min(p.c, b * groups / blocks * kColumnGroup),
@@ -476,21 +490,16 @@ void apply_item(const kernel_table& k, const plan& p, const apply_args& a, int64
   apply_run(k, p, a, at, std::min(kRunValues, p.rows * p.stride - at));
 }
 
-// NHWC: chunk ch of item it.
-void normalize_part(const kernel_table& k, const plan& p, const normalize_args& a,
-                    const nhwc_item& it, int64_t ch) {
-  region r;
-  const int64_t at = nhwc_part(p, it, ch, &r);
-  k.normalize_nhwc(a.x + at, a.y + at, r, a.mean + it.c0, a.scale + it.c0, a.shift + it.c0,
+// NHWC: the region r from index at, whose first column is channel c0.
+void normalize_part(const kernel_table& k, const normalize_args& a, int64_t at, region r,
+                    int64_t c0) {
+  k.normalize_nhwc(a.x + at, a.y + at, r, a.mean + c0, a.scale + c0, a.shift + c0,
                    {a.relu, a.mask, at}, a.stream);
 }
 
-void apply_part(const kernel_table& k, const plan& p, const apply_args& a, const nhwc_item& it,
-                int64_t ch) {
-  region r;
-  const int64_t at = nhwc_part(p, it, ch, &r);
-  k.backward_apply_nhwc(a.x ? a.x + at : nullptr, a.dy + at, a.dx + at, r, a.mean + it.c0,
-                        a.a + it.c0, a.b + it.c0, a.c + it.c0, {a.mask, at}, a.stream);
+void apply_part(const kernel_table& k, const apply_args& a, int64_t at, region r, int64_t c0) {
+  k.backward_apply_nhwc(a.x ? a.x + at : nullptr, a.dy + at, a.dx + at, r, a.mean + c0,
+                        a.a + c0, a.b + c0, a.c + c0, {a.mask, at}, a.stream);
 }
 
 // ---------------------------------------------------------------------------
@@ -773,6 +782,17 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
   return true;
 }
 
+// NHWC tensors of at least this many slices reduce the first chunk of every
+// slice but the first around the pilot (nhwc_item_moments). A thread
+// without slice 0 pays two passes over the first chunk for its pilot and
+// saves a pass per slice: on two threads, k slices each, 2 + k passes
+// instead of 2k, a gain from k = 3 on (8x512x7x7, 2 slices, and
+// 1x512x28x28, 4 slices: forward training -10..-22% without the pilot
+// and with equal chunks). The choice depends on the shape alone, so results
+// stay independent of the thread count.
+constexpr int64_t kPilotSlices = 6;
+bool piloted(const plan& p) { return p.slices >= kPilotSlices; }
+
 // NHWC: the means of the tensor's first chunk in the columns [c0, c1) (the
 // pilot of nhwc_item_moments), into pilot[c0, c1); first: c moments of
 // scratch.
@@ -799,9 +819,9 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
       k, p, nt, sizeof(moments), 2, out,
       [&](const nhwc_item& it, partial* part, const nhwc_scratch& scratch, int t) {
         float* const shift = scratch.work(t);
-        float* const pilot = shift + p.c;
+        float* const pilot = piloted(p) ? shift + p.c : nullptr;
         int64_t* const cols = held.get() + 2 * t;
-        if (it.slice > 0 && !(cols[0] == it.c0 && cols[1] == it.c1))
+        if (pilot && it.slice > 0 && !(cols[0] == it.c0 && cols[1] == it.c1))
           nhwc_pilot(k, p, x, it.c0, it.c1, scratch.result<moments>(t), pilot);
         nhwc_item_moments(k, p, x, it, part, scratch.result<moments>(t), shift, pilot,
                           it.slice == 0 ? pilot : nullptr);
@@ -834,6 +854,21 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
 // items it reduced (nhwc_work::share) and walks them backwards, so that it
 // first rereads what the reduction read last, which is still in cache when
 // the tensor is larger than the cache. NCHW: runs in memory order.
+//
+// NHWC tensors whose reduction the threads split by columns (too few slices,
+// see nhwc_work) keep the columns here only when every block is a whole
+// number of 4 KiB pages of each row (kPageFloats channels); else the
+// threads take whole rows, in multiples of kSplitRows rows (so that no two
+// threads write into the same byte of a ReLU mask). Threads writing column
+// blocks of the same pages ran 1.5-4x slower than alone on this project's
+// machine (inference with ReLU 1x256x14x14 12.2 -> 3.6 us, 1x1024x14x14
+// 31 -> 14 us, 256x256 14.5 -> 4.6 us; session 8); with page-sized blocks
+// (C = 2048 on two threads) the columns measured faster than rows, whose
+// 24 KiB of coefficients per row do not stay in L1 next to the data
+// (1x2048x7x7 9.4 vs 11.9 us).
+constexpr int64_t kPageFloats = 1024;
+constexpr int64_t kSplitRows = 8;
+
 template <class Run, class Part>
 void elementwise_phase(const plan& p, int nt, Run run, Part part) {
   if (!p.nhwc) {
@@ -844,11 +879,22 @@ void elementwise_phase(const plan& p, int nt, Run run, Part part) {
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const nhwc_work work(p, nt);
-    const item_range r = work.share(omp_get_thread_num(), omp_get_num_threads());
-    for (int64_t i = r.end - 1; i >= r.begin; --i) {
-      const nhwc_item it = work.item(i);
-      for (int64_t ch = slice_begin(p, it.slice + 1) - 1; ch >= slice_begin(p, it.slice); --ch)
-        part(it, ch);
+    const int t = omp_get_thread_num(), threads = omp_get_num_threads();
+    if (work.blocks > 1 && work.narrowest() < kPageFloats) {
+      const int64_t units = (p.rows + kSplitRows - 1) / kSplitRows;
+      const int64_t r0 = std::min(p.rows, units * t / threads * kSplitRows);
+      const int64_t r1 = std::min(p.rows, units * (t + 1) / threads * kSplitRows);
+      if (r1 > r0) part(r0 * p.c, region{r1 - r0, p.c, p.c}, 0);
+    } else {
+      const item_range r = work.share(t, threads);
+      for (int64_t i = r.end - 1; i >= r.begin; --i) {
+        const nhwc_item it = work.item(i);
+        for (int64_t ch = slice_begin(p, it.slice + 1) - 1; ch >= slice_begin(p, it.slice); --ch) {
+          region part_region;
+          const int64_t at = nhwc_part(p, it, ch, &part_region);
+          part(at, part_region, it.c0);
+        }
+      }
     }
   }
 }
@@ -856,13 +902,13 @@ void elementwise_phase(const plan& p, int nt, Run run, Part part) {
 void normalize_phase(const kernel_table& k, const plan& p, const normalize_args& args, int nt) {
   elementwise_phase(
       p, nt, [&](int64_t i) { normalize_item(k, p, args, i); },
-      [&](const nhwc_item& it, int64_t ch) { normalize_part(k, p, args, it, ch); });
+      [&](int64_t at, region r, int64_t c0) { normalize_part(k, args, at, r, c0); });
 }
 
 void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, int nt) {
   elementwise_phase(
       p, nt, [&](int64_t i) { apply_item(k, p, args, i); },
-      [&](const nhwc_item& it, int64_t ch) { apply_part(k, p, args, it, ch); });
+      [&](int64_t at, region r, int64_t c0) { apply_part(k, args, at, r, c0); });
 }
 
 // NCHW tensors whose operation does not fit in the L3 (inputs and output
@@ -885,63 +931,69 @@ void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, i
 // the phases, each a few long streams, measured 10-25% faster than blocks
 // (forward training and backward of 1-6 MB tensors, session 7).
 constexpr int64_t kMinRunBytes = 2048;
-// NHWC tensors of few rows run fused too, each block a set of whole columns
-// (channels) of all the rows: the reduction as the phases do it, slice by
-// slice, then the elementwise pass down the same columns. That saves the
-// second parallel region and a second trip to L3 or memory for batch-1
-// images and small (N, C) input. Column blocks of more rows measured slower than
-// the phases, whose chunks read whole rows (8x1024x14x14, 1568 rows:
-// forward training +90%; 32x512x7x7 +25%), those of fewer rows faster
-// (8x2048x7x7, 392 rows: -35%; 1x128x28x28, 784 rows: -17%; 256x1024: -19%).
-// Hence at most this many rows (N x spatial):
+// NHWC tensors of few rows run the forward training fused too, each block a
+// set of whole columns (channels) of all the rows: the reduction as the
+// phases do it, slice by slice, then the normalize down the same columns.
+// That saves the second parallel region and a second trip to L2 or L3.
+// Column blocks of more rows measured slower than the phases, whose chunks
+// read whole rows (8x1024x14x14, 1568 rows: forward training +90%;
+// 32x512x7x7 +25%). Hence at most this many rows (N x spatial):
 constexpr int64_t kNhwcFusedRows = 1024;
+// And only when each thread's columns are at least kPageFloats channels (4
+// KiB of every row, C >= 2048 on two threads): threads writing narrower
+// column blocks of the same pages ran 2-3x slower than on whole rows
+// (1x256x14x14 training 17 -> 8.6 us, 1x1024x14x14 56 -> 31 us, 256x1024
+// 69 -> 38 us), while with C = 2048 the blocks keep their coefficients in
+// L1 and win (1x2048x7x7 38 vs 77 us, 8x2048x7x7 153 vs 187 us). The
+// backward measured faster in phases even then (1x2048x7x7 107 vs 86 us,
+// 8x2048x7x7 296 vs 191 us; on one thread 92 vs 65 us): it has no NHWC
+// blocks. (Session 8.)
 
 // NHWC: blocks are whole 64-channel column groups (kColumnGroup) of all the
-// rows, as many as fit, with `arrays` tensors, in half of L2 (nothing is
-// prefetched meanwhile), and at most an even share of the groups per
-// thread. Returns 0 (use the phases) for more than kNhwcFusedRows rows, or
-// when one group of all the rows does not fit.
-int64_t nhwc_fused_block(const plan& p, int nt, int arrays) {
-  if (p.rows > kNhwcFusedRows) return 0;
-  const int64_t per_group = p.rows * kColumnGroup * static_cast<int64_t>(sizeof(float)) * arrays;
+// rows, as many as fit, with x and y, in half of L2 (nothing is prefetched
+// meanwhile), and at most an even share of the groups per thread. Returns 0
+// (use the phases) for more than kNhwcFusedRows rows, for narrower shares
+// of the columns (above), or when one group of all the rows does not fit.
+int64_t nhwc_fused_block(const plan& p, int nt) {
+  if (p.rows > kNhwcFusedRows || p.c / nt < kPageFloats) return 0;
+  const int64_t per_group = p.rows * kColumnGroup * static_cast<int64_t>(sizeof(float));
   const int64_t fit = l2_bytes() / 2 / per_group;
-  if (fit == 0) return 0;
   const int64_t groups = (p.c + kColumnGroup - 1) / kColumnGroup;
-  const int64_t block = std::min(fit, (groups + nt - 1) / nt) * kColumnGroup;
-  // Threads on 256-byte pieces of the same rows: 1x128x28x28 training ran
-  // at half speed in half of the calls (best time -12%, median x2), so a
-  // block narrower than 128 channels must be whole rows.
-  return block >= std::min<int64_t>(p.c, 2 * kColumnGroup) ? block : 0;
+  return std::min(fit, (groups + nt - 1) / nt) * kColumnGroup;
 }
 
-// Scratch for the fused NHWC blocks, indexed by channel (the blocks'
-// channels are disjoint, so the threads share it): per-slice results R,
-// their merge, and the item kernels' per-chunk results (Chunk, `per_chunk`
-// per channel) and shifts.
-template <class R, class Chunk, int per_chunk>
+// Scratch for the fused NHWC forward training, indexed by channel (the
+// blocks' channels are disjoint, so the threads share it): per-slice
+// moments, their merge, the item kernel's per-chunk moments and shifts.
+// Fused tensors have too few slices for the pilot.
+static_assert((kNhwcFusedRows + kChunkRows - 1) / kChunkRows + 1 < kPilotSlices,
+              "nhwc_columns reduces without the pilot");
 struct nhwc_columns {
   const plan& p;
-  buffer<R> slice, total;
-  buffer<Chunk> chunk;
+  buffer<partial> slice, total;
+  buffer<moments> chunk;
   buffer<float> work;
 
   explicit nhwc_columns(const plan& p_)
-      : p(p_), slice(allocate<R>(p.c)), total(allocate<R>(p.c)),
-        chunk(allocate<Chunk>(per_chunk * p.c)), work(allocate<float>(p.c)) {}
+      : p(p_), slice(allocate<partial>(p.c)), total(allocate<partial>(p.c)),
+        chunk(allocate<moments>(p.c)), work(allocate<float>(p.c)) {}
   explicit operator bool() const { return slice && total && chunk && work; }
 
-  // The columns [c0, c1) of all the rows, as reduction_phase computes them:
-  // item(it, part) for each slice, the slices merged in order (a single
-  // slice is the result). Returns the results, indexed by channel.
-  template <class Item>
-  const R* reduce(int64_t c0, int64_t c1, Item item) {
+  // The moments of the columns [c0, c1) of all the rows, as moments_phase
+  // computes them: each slice's, merged in order (a single slice is the
+  // result). Returns them, indexed by channel.
+  const partial* reduce(const kernel_table& k, const float* x, int64_t c0, int64_t c1) {
+    auto item = [&](int64_t s, partial* out) {
+      nhwc_item_moments(k, p, x, nhwc_item{s, c0, c1}, out, chunk.get(), work.get(), nullptr,
+                        nullptr);
+    };
     if (p.slices == 1) {
-      item(nhwc_item{0, c0, c1}, total.get());
+      item(0, total.get());
       return total.get();
     }
-    for (int64_t c = c0; c < c1; ++c) total[c] = R{};
+    for (int64_t c = c0; c < c1; ++c) total[c] = partial{};
     for (int64_t s = 0; s < p.slices; ++s) {
-      item(nhwc_item{s, c0, c1}, slice.get());
+      item(s, slice.get());
       for (int64_t c = c0; c < c1; ++c) merge_into(total[c], slice[c]);
     }
     return total.get();
@@ -949,7 +1001,7 @@ struct nhwc_columns {
 };
 
 int64_t fused_block(const kernel_table& k, const plan& p, int nt, int arrays) {
-  if (p.nhwc) return nhwc_fused_block(p, nt, arrays);
+  if (p.nhwc) return arrays == 1 ? nhwc_fused_block(p, nt) : 0;  // forward training only
   if (nt > 1 && p.c < 4 * nt) return 0;
   if (!stream_for((arrays + 1) * p.count * p.c * static_cast<int64_t>(sizeof(float)))) return 0;
   const int64_t per_channel = p.count * static_cast<int64_t>(sizeof(float)) * arrays;
@@ -1161,16 +1213,12 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
                             shift, relu, relu_mask, stream_for(2 * total * static_cast<int64_t>(sizeof(float)))};
   const int64_t blocks = (p.c + block - 1) / block;
   if (p.nhwc) {
-    nhwc_columns<partial, moments, 1> scratch(p);
-    auto pilot = allocate<float>(p.c);  // slice 0 writes its columns, later slices read them
-    if (!scratch || !pilot) return out_of_memory(fn, p.c);
+    nhwc_columns scratch(p);
+    if (!scratch) return out_of_memory(fn, p.c);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
-      const partial* total = scratch.reduce(c0, c1, [&](const nhwc_item& it, partial* part) {
-        nhwc_item_moments(k, p, x, it, part, scratch.chunk.get(), scratch.work.get(), pilot.get(),
-                          it.slice == 0 ? pilot.get() : nullptr);
-      });
+      const partial* total = scratch.reduce(k, x, c0, c1);
       for (int64_t c = c0; c < c1; ++c) finish_moments(total[c], &mean[c], &var[c]);
       scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
       std::copy(mean + c0, mean + c1, aligned_mean + c0);
@@ -1425,27 +1473,6 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
                         aligned_mean,         coefficients.a, coefficients.b,
                         coefficients.c,       mask, stream_for(3 * total * static_cast<int64_t>(sizeof(float)))};
   const int64_t blocks = (p.c + block - 1) / block;
-  if (p.nhwc) {
-    nhwc_columns<sums, double, 2> scratch(p);
-    if (!scratch) return out_of_memory(fn, p.c);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
-      const sums* total = scratch.reduce(c0, c1, [&](const nhwc_item& it, sums* part) {
-        if (need_sums) {
-          nhwc_item_sums(k, p, x, dy, mean, mask, it, part, scratch.chunk.get());
-        } else {
-          for (int64_t c = c0; c < c1; ++c) part[c] = sums{0, 0};
-        }
-      });
-      k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
-      for (int64_t c = c0; c < c1; ++c) coefficients.finish(c, total[c], dgamma, dbeta);
-      k.backward_apply_nhwc(args.x ? args.x + c0 : nullptr, dy + c0, dx + c0, {p.rows, c1 - c0, p.c},
-                            aligned_mean + c0, args.a + c0, args.b + c0, args.c + c0, {mask, c0},
-                            args.stream);
-    }
-    return succeed();
-  }
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
