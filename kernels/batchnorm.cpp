@@ -786,9 +786,9 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
 // slice but the first around the pilot (nhwc_item_moments). A thread
 // without slice 0 pays two passes over the first chunk for its pilot and
 // saves a pass per slice: on two threads, k slices each, 2 + k passes
-// instead of 2k, a gain from k = 3 on (8x512x7x7, 2 slices, and
-// 1x512x28x28, 4 slices: forward training -10..-22% without the pilot
-// and with equal chunks). The choice depends on the shape alone, so results
+// instead of 2k, a gain from k = 3 on (forward training 8x512x7x7, 2
+// slices, -35%, and 1x512x28x28, 4 slices, -17%, without the pilot and with
+// equal chunks, session 8). The choice depends on the shape alone, so results
 // stay independent of the thread count.
 constexpr int64_t kPilotSlices = 6;
 bool piloted(const plan& p) { return p.slices >= kPilotSlices; }
