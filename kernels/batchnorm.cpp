@@ -632,8 +632,10 @@ struct backward_coefficients {
     const double ga = (gamma ? gamma[ch] : 1.f) * invstd[ch];
     const bool constant = global || count == 0;
     a[ch] = static_cast<float>(ga);
-    b[ch] = constant ? 0.f : static_cast<float>(-ga * invstd[ch] * s.dy_xmu / count);
-    c[ch] = constant ? 0.f : static_cast<float>(-ga * s.dy / count);
+    // Times 1/M, not divided by M: no division per channel (see two_pass_moments).
+    const double inv = constant ? 0.0 : 1.0 / count;
+    b[ch] = constant ? 0.f : static_cast<float>(-ga * invstd[ch] * s.dy_xmu * inv);
+    c[ch] = constant ? 0.f : static_cast<float>(-ga * s.dy * inv);
   }
 
   // From s = sum(dy) and sum(dy * (x - mean)): the coefficients, and

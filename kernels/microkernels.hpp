@@ -238,7 +238,7 @@ void moments_nchw_group(const float* x, region r, int64_t channels, int64_t chan
                         moments* out) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
-  const double count = static_cast<double>(r.rows * r.cols);
+  const double count = static_cast<double>(r.rows * r.cols), inv = 1.0 / count;
   const bool one_pass = first_row_shift(r);
   const region first = one_pass ? region{1, r.cols, r.stride} : r;
   alignas(64) float x0[W], m[W], s1[W], s2[W];
@@ -266,7 +266,7 @@ void moments_nchw_group(const float* x, region r, int64_t channels, int64_t chan
     if (one_pass && !(d2 <= std::numeric_limits<float>::max() && 8.0 * d1 * d1 <= count * d2)) {
       out[j] = moments_two_pass<A>(x + j * channel_stride, r);  // as moments_nchw_shifted's test
     } else if (std::isfinite(d1) && std::isfinite(d2)) {
-      out[j] = {m[j] + d1 / count, std::max(0.0, d2 - d1 * d1 / count)};
+      out[j] = {m[j] + d1 * inv, std::max(0.0, d2 - d1 * d1 * inv)};  // see two_pass_moments
     } else {
       out[j] = moments_double<A>(x + j * channel_stride, r);
     }
@@ -337,10 +337,10 @@ bool shifted_moments(int64_t rows, int64_t j0, const float* shift, const simd::v
     d1[q].store_aligned(s1 + q * W);
     d2[q].store_aligned(s2 + q * W);
   }
-  const double count = static_cast<double>(rows);
+  const double inv = 1.0 / static_cast<double>(rows);  // no division per channel (see two_pass_moments)
   for (int64_t j = 0; j < Q * W; ++j)
-    out[j0 + j] = {shift[j0 + j] + s1[j] / count,
-                   std::max(0.0, s2[j] - static_cast<double>(s1[j]) * s1[j] / count)};
+    out[j0 + j] = {shift[j0 + j] + s1[j] * inv,
+                   std::max(0.0, s2[j] - static_cast<double>(s1[j]) * s1[j] * inv)};
   return true;
 }
 
@@ -372,11 +372,15 @@ bool moments_columns_shifted(const float* x, region r, int64_t j0, const float* 
 template <class A>
 void two_pass_moments(const float* x, region r, int64_t j0, int64_t cols, const float* m,
                       const float* s1, const float* s2, moments* out) {
-  const double count = static_cast<double>(r.rows);
+  // Times the inverse count, not divided by the count: two double divisions
+  // a channel held bnorm_moments of 512 channels of one row at 3.1 us, 2.4
+  // without (forward training 1x512x7x7 NHWC -3..-5%, session 8); the result
+  // moves by at most an ulp of a double.
+  const double inv = 1.0 / static_cast<double>(r.rows);
   for (int64_t k = 0; k < cols; ++k) {
     if (std::isfinite(s1[k]) && std::isfinite(s2[k])) {
-      out[j0 + k] = {m[k] + s1[k] / count,
-                     std::max(0.0, s2[k] - static_cast<double>(s1[k]) * s1[k] / count)};
+      out[j0 + k] = {m[k] + s1[k] * inv,
+                     std::max(0.0, s2[k] - static_cast<double>(s1[k]) * s1[k] * inv)};
     } else {
       out[j0 + k] = moments_double<A>(x + j0 + k, {r.rows, 1, r.stride});
     }
