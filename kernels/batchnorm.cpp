@@ -303,21 +303,28 @@ void merge(partial& a, const moments& b, double nb) {
   a.n = n;
 }
 
-// merge() for c channels that hold the same counts, as NHWC chunks do: the
-// weights once for all (the same expressions, so the same bits).
-void merge_same_count(partial* a, const moments* b, int64_t c, double nb) {
+// merge() for c channels that hold the same counts, as NHWC chunks and the
+// slices of any tensor do: the weights once for all (the same expressions,
+// so the same bits). b(j): the moments of channel j.
+template <class B>
+void merge_same_count_of(partial* a, B b, int64_t c, double nb) {
   const double na = a[0].n;
   if (na == 0) {
-    for (int64_t j = 0; j < c; ++j) a[j] = {b[j], nb};
+    for (int64_t j = 0; j < c; ++j) a[j] = {b(j), nb};
     return;
   }
   const double n = na + nb, wb = nb / n, wm = na * nb / n;
   for (int64_t j = 0; j < c; ++j) {
-    const double delta = b[j].mean - a[j].m.mean;
+    const moments& m = b(j);
+    const double delta = m.mean - a[j].m.mean;
     a[j].m.mean += delta * wb;
-    a[j].m.m2 += b[j].m2 + delta * delta * wm;
+    a[j].m.m2 += m.m2 + delta * delta * wm;
     a[j].n = n;
   }
+}
+
+void merge_same_count(partial* a, const moments* b, int64_t c, double nb) {
+  merge_same_count_of(a, [b](int64_t j) -> const moments& { return b[j]; }, c, nb);
 }
 
 // mean and population variance; NaN for both if the data held inf or NaN.
@@ -702,11 +709,17 @@ struct nhwc_scratch {
   }
 };
 
-// One slice's result merged into the results of the slices before it.
-void merge_into(partial& acc, const partial& m) { merge(acc, m.m, m.n); }
-void merge_into(sums& acc, const sums& part) {
-  acc.dy += part.dy;
-  acc.dy_xmu += part.dy_xmu;
+// One slice's results of c channels merged into the results of the slices
+// before it (a slice holds the same count of values in every channel:
+// merge_same_count, no division per channel; the bits of merge()).
+void merge_into(partial* acc, const partial* part, int64_t c) {
+  merge_same_count_of(acc, [part](int64_t j) -> const moments& { return part[j].m; }, c, part[0].n);
+}
+void merge_into(sums* acc, const sums* part, int64_t c) {
+  for (int64_t j = 0; j < c; ++j) {
+    acc[j].dy += part[j].dy;
+    acc[j].dy_xmu += part[j].dy_xmu;
+  }
 }
 
 // The skeleton both reductions share: the work split four ways (NHWC
@@ -773,12 +786,12 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
         part[s * p.c + c] = slice(c, s);
       }
     }
-    if (p.slices > 1) {
-#pragma omp for schedule(static)
-      for (int64_t c = 0; c < p.c; ++c) {
-        out[c] = R{};
-        for (int64_t s = 0; s < p.slices; ++s) merge_into(out[c], part[s * p.c + c]);
-      }
+    if (p.slices > 1) {  // after the barrier of every branch above
+      const int threads = omp_get_num_threads();
+      const int64_t c0 = p.c * t / threads, c1 = p.c * (t + 1) / threads;
+      for (int64_t c = c0; c < c1; ++c) out[c] = R{};
+      if (c1 > c0)
+        for (int64_t s = 0; s < p.slices; ++s) merge_into(out + c0, part + s * p.c + c0, c1 - c0);
     }
   }
   return true;
@@ -996,7 +1009,7 @@ struct nhwc_columns {
     for (int64_t c = c0; c < c1; ++c) total[c] = partial{};
     for (int64_t s = 0; s < p.slices; ++s) {
       item(s, slice.get());
-      for (int64_t c = c0; c < c1; ++c) merge_into(total[c], slice[c]);
+      merge_into(total.get() + c0, slice.get() + c0, c1 - c0);
     }
     return total.get();
   }
