@@ -746,10 +746,12 @@ bool nchw_one_slice(const plan& p) {
   return !p.nhwc && !grouped(p) && p.slices == 1;
 }
 
-template <class R, class Item, class Group, class Chunk, class Slice>
+//   then(t, threads): last, in the same parallel region; out[c0, c1) of
+//   thread t (c0 = C t / threads, c1 = C (t + 1) / threads) is final then.
+template <class R, class Item, class Group, class Chunk, class Slice, class Then>
 bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t result_bytes,
                      int64_t work_floats, R* out, Item item, Group group, Chunk chunk,
-                     Slice slice) {
+                     Slice slice, Then then) {
   buffer<R> slices;
   if (p.slices > 1 && !(slices = allocate<R>(p.slices * p.c))) return false;
   R* const part = p.slices > 1 ? slices.get() : out;
@@ -793,6 +795,7 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
       if (c1 > c0)
         for (int64_t s = 0; s < p.slices; ++s) merge_into(out + c0, part + s * p.c + c0, c1 - c0);
     }
+    then(t, omp_get_num_threads());
   }
   return true;
 }
@@ -819,7 +822,9 @@ void nhwc_pilot(const kernel_table& k, const plan& p, const float* x, int64_t c0
   for (int64_t j = c0; j < c1; ++j) pilot[j] = static_cast<float>(first[j].mean);
 }
 
-bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt, partial* out) {
+template <class Then>
+bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt, partial* out,
+                   Then then) {
   // Each NCHW channel's shift, from one chunk to the next (nchw_slice_moments),
   // when its chunks are reduced chunk row by chunk row.
   buffer<float> around;
@@ -848,7 +853,12 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
         if (ch == 0) around[c] = std::numeric_limits<float>::quiet_NaN();
         nchw_chunk_moments(k, p, x + c * p.spatial, ch, acc, &around[c]);
       },
-      [&](int64_t c, int64_t s) { return nchw_slice_moments(k, p, x + c * p.spatial, s); });
+      [&](int64_t c, int64_t s) { return nchw_slice_moments(k, p, x + c * p.spatial, s); },
+      then);
+}
+
+bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt, partial* out) {
+  return moments_phase(k, p, x, nt, out, [](int, int) {});
 }
 
 bool sums_phase(const kernel_table& k, const plan& p, const float* x, const float* dy,
@@ -862,7 +872,8 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
       [&](int64_t c, int64_t ch, sums& acc) {
         nchw_chunk_sums(k, p, x, dy, c, mean[c], mask, ch, acc);
       },
-      [&](int64_t c, int64_t s) { return nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s); });
+      [&](int64_t c, int64_t s) { return nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s); },
+      [](int, int) {});
 }
 
 // The elementwise passes. NHWC: each thread takes the chunks of the same
@@ -884,40 +895,49 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
 constexpr int64_t kPageFloats = 1024;
 constexpr int64_t kSplitRows = 8;
 
+// Thread t's share of the elementwise pass, of `threads` threads.
 template <class Run, class Part>
-void elementwise_phase(const plan& p, int nt, Run run, Part part) {
+void elementwise_share(const plan& p, int t, int threads, Run run, Part part) {
   if (!p.nhwc) {
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (int64_t i = 0; i < elementwise_items(p); ++i) run(i);
+    const int64_t items = elementwise_items(p);
+    for (int64_t i = items * t / threads; i < items * (t + 1) / threads; ++i) run(i);
     return;
   }
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const nhwc_work work(p, nt);
-    const int t = omp_get_thread_num(), threads = omp_get_num_threads();
-    if (work.blocks > 1 && work.narrowest() < kPageFloats) {
-      const int64_t units = (p.rows + kSplitRows - 1) / kSplitRows;
-      const int64_t r0 = std::min(p.rows, units * t / threads * kSplitRows);
-      const int64_t r1 = std::min(p.rows, units * (t + 1) / threads * kSplitRows);
-      if (r1 > r0) part(r0 * p.c, region{r1 - r0, p.c, p.c}, 0);
-    } else {
-      const item_range r = work.share(t, threads);
-      for (int64_t i = r.end - 1; i >= r.begin; --i) {
-        const nhwc_item it = work.item(i);
-        for (int64_t ch = slice_begin(p, it.slice + 1) - 1; ch >= slice_begin(p, it.slice); --ch) {
-          region part_region;
-          const int64_t at = nhwc_part(p, it, ch, &part_region);
-          part(at, part_region, it.c0);
-        }
-      }
+  const nhwc_work work(p, threads);
+  if (work.blocks > 1 && work.narrowest() < kPageFloats) {
+    const int64_t units = (p.rows + kSplitRows - 1) / kSplitRows;
+    const int64_t r0 = std::min(p.rows, units * t / threads * kSplitRows);
+    const int64_t r1 = std::min(p.rows, units * (t + 1) / threads * kSplitRows);
+    if (r1 > r0) part(r0 * p.c, region{r1 - r0, p.c, p.c}, 0);
+    return;
+  }
+  const item_range r = work.share(t, threads);
+  for (int64_t i = r.end - 1; i >= r.begin; --i) {
+    const nhwc_item it = work.item(i);
+    for (int64_t ch = slice_begin(p, it.slice + 1) - 1; ch >= slice_begin(p, it.slice); --ch) {
+      region part_region;
+      const int64_t at = nhwc_part(p, it, ch, &part_region);
+      part(at, part_region, it.c0);
     }
   }
 }
 
-void normalize_phase(const kernel_table& k, const plan& p, const normalize_args& args, int nt) {
-  elementwise_phase(
-      p, nt, [&](int64_t i) { normalize_item(k, p, args, i); },
+template <class Run, class Part>
+void elementwise_phase(const plan& p, int nt, Run run, Part part) {
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  elementwise_share(p, omp_get_thread_num(), omp_get_num_threads(), run, part);
+}
+
+void normalize_share(const kernel_table& k, const plan& p, const normalize_args& args, int t,
+                     int threads) {
+  elementwise_share(
+      p, t, threads, [&](int64_t i) { normalize_item(k, p, args, i); },
       [&](int64_t at, region r, int64_t c0) { normalize_part(k, args, at, r, c0); });
+}
+
+void normalize_phase(const kernel_table& k, const plan& p, const normalize_args& args, int nt) {
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  normalize_share(k, p, args, omp_get_thread_num(), omp_get_num_threads());
 }
 
 void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, int nt) {
@@ -1119,6 +1139,28 @@ bnorm_status out_of_memory(const char* fn, int64_t c) {
 constexpr int64_t kNormalizeScratch = 3;
 constexpr int64_t kApplyScratch = 4;
 
+// That scratch, for a pass that writes `out`, starts 2 KiB (mod 4 KiB) away
+// from out's first byte, on a cache line. When rows are whole 4 KiB pages
+// (NHWC, C = 1024 or 2048), a load of a coefficient whose address shares its
+// low 12 bits with the store just made to `out` waits for that store (4K
+// aliasing), and all three arrays then alias at once: NHWC inference
+// 1x1024x14x14 took 12 or 21 us depending on where malloc put the scratch
+// (session 8). Here it takes 12 wherever it lands.
+struct coefficient_scratch {
+  buffer<float> block;
+  float* base = nullptr;
+
+  coefficient_scratch(int64_t floats, const void* out)
+      : block(allocate<float>(floats + kPageFloats)) {
+    if (!block) return;
+    const uintptr_t at = reinterpret_cast<uintptr_t>(block.get()) % 4096;
+    const uintptr_t want = (reinterpret_cast<uintptr_t>(out) + 2048) % 4096 / 64 * 64;
+    base = block.get() + (want + 4096 - at) % 4096 / sizeof(float);
+  }
+  explicit operator bool() const { return base != nullptr; }
+  float* get() const { return base; }
+};
+
 // y from given statistics; writes the mask if `relu_mask` is not NULL.
 // coef: kNormalizeScratch * c floats of scratch.
 void normalize_op(const bnorm_shape* shape, float eps, unsigned flags, const float* x,
@@ -1208,24 +1250,35 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   const kernel_table& k = kernels();
   const int nt = threads_for(2 * total * static_cast<int64_t>(sizeof(float)));
   const int64_t block = fused_block(k, p, nt, 1);
-  if (block == 0) {
-    // moments -> merge -> normalize, exactly as the split-phase API.
-    auto channel = allocate<partial>(p.c);
-    auto coef = allocate<float>(kNormalizeScratch * p.c);
-    if (!channel || !coef || !moments_phase(k, p, x, nt, channel.get()))
-      return out_of_memory(fn, p.c);
-    for (int64_t c = 0; c < p.c; ++c) finish_moments(channel[c], &mean[c], &var[c]);
-    normalize_op(shape, eps, flags, x, gamma, beta, mean, var, y, relu_mask, coef.get());
-    return succeed();
-  }
-
-  auto coef = allocate<float>(kNormalizeScratch * p.c);
+  auto channel = allocate<partial>(block == 0 ? p.c : 0);
+  coefficient_scratch coef(kNormalizeScratch * p.c, y);
   if (!coef) return out_of_memory(fn, p.c);
   float* scale = coef.get();
   float* shift = coef.get() + p.c;
-  float* aligned_mean = coef.get() + 2 * p.c;  // as normalize_op: written block by block
+  float* aligned_mean = coef.get() + 2 * p.c;  // as normalize_op, written channel range by range
   const normalize_args args{x,    y,         aligned_mean, scale,
                             shift, relu, relu_mask, stream_for(2 * total * static_cast<int64_t>(sizeof(float)))};
+  if (block == 0) {
+    // moments -> merge -> normalize, as the split-phase API computes them,
+    // in one parallel region: each thread finishes the statistics and the
+    // coefficients of its range of channels, then, after a barrier,
+    // normalizes its share. Two regions with the per-channel work serial
+    // between them took longer on small tensors (mean per call, session 8:
+    // NHWC 1x512x7x7 7.3 -> 5.7 us, NCHW 1x2048x7x7 34.8 -> 26.1 us, NCHW
+    // 8x256x14x14 -11%; large tensors within noise).
+    if (!channel) return out_of_memory(fn, p.c);
+    const bool ok = moments_phase(k, p, x, nt, channel.get(), [&](int t, int threads) {
+      const int64_t c0 = p.c * t / threads, c1 = p.c * (t + 1) / threads;
+      for (int64_t c = c0; c < c1; ++c) finish_moments(channel[c], &mean[c], &var[c]);
+      scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
+      std::copy(mean + c0, mean + c1, aligned_mean + c0);
+#pragma omp barrier
+      normalize_share(k, p, args, t, threads);
+    });
+    if (!ok) return out_of_memory(fn, p.c);
+    return succeed();
+  }
+
   const int64_t blocks = (p.c + block - 1) / block;
   if (p.nhwc) {
     nhwc_columns scratch(p);
@@ -1272,7 +1325,7 @@ bnorm_status bnorm_forward_inference(const bnorm_shape* shape, float eps, unsign
   BNORM_REQUIRE(var);
   BNORM_REQUIRE(y);
   BNORM_CHECK(check_overlap(fn, y, "y", x, "x", total, true));
-  auto coef = allocate<float>(kNormalizeScratch * shape->c);
+  coefficient_scratch coef(kNormalizeScratch * shape->c, y);
   if (!coef) return out_of_memory(fn, shape->c);
   normalize_op(shape, eps, flags, x, gamma, beta, mean, var, y, nullptr, coef.get());
   return succeed();
@@ -1291,7 +1344,7 @@ bnorm_status bnorm_normalize(const bnorm_shape* shape, float eps, unsigned flags
   if ((flags & BNORM_FUSE_RELU) && !relu_mask)
     return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
   BNORM_CHECK(check_overlap(fn, y, "y", x, "x", total, true));
-  auto coef = allocate<float>(kNormalizeScratch * shape->c);
+  coefficient_scratch coef(kNormalizeScratch * shape->c, y);
   if (!coef) return out_of_memory(fn, shape->c);
   normalize_op(shape, eps, flags, x, gamma, beta, mean, var, y,
                (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr, coef.get());
@@ -1420,7 +1473,7 @@ bnorm_status bnorm_backward_apply(const bnorm_shape* shape, float eps, unsigned 
   BNORM_CHECK(check_overlap(fn, dx, "dx", x, "x", total, false));
   const plan p = make_plan(*shape);
   auto channel = allocate<sums>(p.c);
-  auto coef = allocate<float>(kApplyScratch * p.c);
+  coefficient_scratch coef(kApplyScratch * p.c, dx);
   auto invstd = allocate<double>(p.c);
   if (!channel || !coef || !invstd) return out_of_memory(fn, p.c);
   for (int64_t c = 0; c < p.c; ++c)
@@ -1456,7 +1509,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   const bool need_sums = total > 0 && (!global || dgamma || dbeta);
   const uint8_t* mask = relu ? relu_mask : nullptr;
   auto channel = allocate<sums>(p.c);
-  auto coef = allocate<float>(kApplyScratch * p.c);
+  coefficient_scratch coef(kApplyScratch * p.c, dx);
   auto invstd = allocate<double>(p.c);
   if (!channel || !coef || !invstd) return out_of_memory(fn, p.c);
 
