@@ -861,8 +861,9 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
   return moments_phase(k, p, x, nt, out, [](int, int) {});
 }
 
+template <class Then>
 bool sums_phase(const kernel_table& k, const plan& p, const float* x, const float* dy,
-                const float* mean, const uint8_t* mask, int nt, sums* out) {
+                const float* mean, const uint8_t* mask, int nt, sums* out, Then then) {
   return reduction_phase<sums>(
       k, p, nt, 2 * sizeof(double), 0, out,
       [&](const nhwc_item& it, sums* part, const nhwc_scratch& scratch, int t) {
@@ -873,7 +874,12 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
         nchw_chunk_sums(k, p, x, dy, c, mean[c], mask, ch, acc);
       },
       [&](int64_t c, int64_t s) { return nchw_slice_sums(k, p, x, dy, c, mean[c], mask, s); },
-      [](int, int) {});
+      then);
+}
+
+bool sums_phase(const kernel_table& k, const plan& p, const float* x, const float* dy,
+                const float* mean, const uint8_t* mask, int nt, sums* out) {
+  return sums_phase(k, p, x, dy, mean, mask, nt, out, [](int, int) {});
 }
 
 // The elementwise passes. NHWC: each thread takes the chunks of the same
@@ -922,11 +928,6 @@ void elementwise_share(const plan& p, int t, int threads, Run run, Part part) {
   }
 }
 
-template <class Run, class Part>
-void elementwise_phase(const plan& p, int nt, Run run, Part part) {
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  elementwise_share(p, omp_get_thread_num(), omp_get_num_threads(), run, part);
-}
 
 void normalize_share(const kernel_table& k, const plan& p, const normalize_args& args, int t,
                      int threads) {
@@ -940,10 +941,15 @@ void normalize_phase(const kernel_table& k, const plan& p, const normalize_args&
   normalize_share(k, p, args, omp_get_thread_num(), omp_get_num_threads());
 }
 
-void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, int nt) {
-  elementwise_phase(
-      p, nt, [&](int64_t i) { apply_item(k, p, args, i); },
+void apply_share(const kernel_table& k, const plan& p, const apply_args& args, int t, int threads) {
+  elementwise_share(
+      p, t, threads, [&](int64_t i) { apply_item(k, p, args, i); },
       [&](int64_t at, region r, int64_t c0) { apply_part(k, args, at, r, c0); });
+}
+
+void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, int nt) {
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  apply_share(k, p, args, omp_get_thread_num(), omp_get_num_threads());
 }
 
 // NCHW tensors whose operation does not fit in the L3 (inputs and output
@@ -1514,13 +1520,32 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   if (!channel || !coef || !invstd) return out_of_memory(fn, p.c);
 
   const int64_t block = total == 0 ? 0 : fused_block(k, p, nt, 2);
+  const backward_coefficients coefficients{gamma,      invstd.get(),    static_cast<double>(p.count),
+                                           global,     coef.get(),      coef.get() + p.c,
+                                           coef.get() + 2 * p.c};
+  float* aligned_mean = coef.get() + 3 * p.c;  // as apply_op
+  const apply_args args{global ? nullptr : x, dy,   dx,
+                        aligned_mean,         coefficients.a, coefficients.b,
+                        coefficients.c,       mask, stream_for(3 * total * static_cast<int64_t>(sizeof(float)))};
+  if (block == 0 && need_sums) {
+    // reduce -> apply, as the split-phase API computes them, in one parallel
+    // region (as the forward training): each thread finishes the sums and
+    // coefficients of its channel range, then, after a barrier, computes its
+    // share of dx.
+    const bool ok = sums_phase(k, p, x, dy, mean, mask, nt, channel.get(), [&](int t, int threads) {
+      const int64_t c0 = p.c * t / threads, c1 = p.c * (t + 1) / threads;
+      k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
+      for (int64_t c = c0; c < c1; ++c) coefficients.finish(c, channel[c], dgamma, dbeta);
+      std::copy(mean + c0, mean + c1, aligned_mean + c0);
+#pragma omp barrier
+      apply_share(k, p, args, t, threads);
+    });
+    if (!ok) return out_of_memory(fn, p.c);
+    return succeed();
+  }
   if (block == 0) {
-    // reduce -> apply, exactly as the split-phase API.
-    if (!need_sums) {
-      for (int64_t c = 0; c < p.c; ++c) channel[c] = {0, 0};
-    } else if (!sums_phase(k, p, x, dy, mean, mask, nt, channel.get())) {
-      return out_of_memory(fn, p.c);
-    }
+    // No sums needed (global statistics without dgamma and dbeta, or no values).
+    for (int64_t c = 0; c < p.c; ++c) channel[c] = {0, 0};
     k.invstd(var, eps, p.c, invstd.get());
     for (int64_t c = 0; c < p.c; ++c) {
       channel[c] = to_xhat(channel[c], invstd[c]);
@@ -1532,14 +1557,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
     return succeed();
   }
 
-  const backward_coefficients coefficients{gamma,      invstd.get(),    static_cast<double>(p.count),
-                                           global,     coef.get(),      coef.get() + p.c,
-                                           coef.get() + 2 * p.c};
-  float* aligned_mean = coef.get() + 3 * p.c;  // as apply_op
   std::copy(mean, mean + p.c, aligned_mean);
-  const apply_args args{global ? nullptr : x, dy,   dx,
-                        aligned_mean,         coefficients.a, coefficients.b,
-                        coefficients.c,       mask, stream_for(3 * total * static_cast<int64_t>(sizeof(float)))};
   const int64_t blocks = (p.c + block - 1) / block;
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t b = 0; b < blocks; ++b) {
