@@ -179,6 +179,12 @@ struct item_range {
   int64_t begin, end;
 };
 
+// The channels that thread t of `threads` reduces in one slice, merges and
+// finishes: an even, contiguous share.
+item_range channels_of(const plan& p, int t, int threads) {
+  return {p.c * t / threads, p.c * (t + 1) / threads};
+}
+
 struct nhwc_work {
   const plan& p;
   int64_t blocks;  // column blocks per slice
@@ -639,7 +645,7 @@ struct backward_coefficients {
     const double ga = (gamma ? gamma[ch] : 1.f) * invstd[ch];
     const bool constant = global || count == 0;
     a[ch] = static_cast<float>(ga);
-    // Times 1/M, not divided by M: no division per channel (see two_pass_moments).
+    // Times 1/M, not divided by M twice (see two_pass_moments).
     const double inv = constant ? 0.0 : 1.0 / count;
     b[ch] = constant ? 0.f : static_cast<float>(-ga * invstd[ch] * s.dy_xmu * inv);
     c[ch] = constant ? 0.f : static_cast<float>(-ga * s.dy * inv);
@@ -746,8 +752,8 @@ bool nchw_one_slice(const plan& p) {
   return !p.nhwc && !grouped(p) && p.slices == 1;
 }
 
-//   then(t, threads): last, in the same parallel region; out[c0, c1) of
-//   thread t (c0 = C t / threads, c1 = C (t + 1) / threads) is final then.
+//   then(t, threads): last, in the same parallel region; out[c] for c in
+//   channels_of(p, t, threads) is final then.
 template <class R, class Item, class Group, class Chunk, class Slice, class Then>
 bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t result_bytes,
                      int64_t work_floats, R* out, Item item, Group group, Chunk chunk,
@@ -774,8 +780,8 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
         group(g * k.width, std::min(p.c, (g + 1) * k.width),
               [&](int64_t c, const R& result) { part[c] = result; });
     } else if (nchw_one_slice(p)) {
-      const int threads = omp_get_num_threads();
-      const int64_t c0 = p.c * t / threads, c1 = p.c * (t + 1) / threads;
+      const item_range r = channels_of(p, t, omp_get_num_threads());
+      const int64_t c0 = r.begin, c1 = r.end;
       for (int64_t ch = 0; ch < p.chunks; ++ch)
         for (int64_t c = c0; c < c1; ++c) {
           if (ch == 0) out[c] = R{};
@@ -789,11 +795,11 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
       }
     }
     if (p.slices > 1) {  // after the barrier of every branch above
-      const int threads = omp_get_num_threads();
-      const int64_t c0 = p.c * t / threads, c1 = p.c * (t + 1) / threads;
-      for (int64_t c = c0; c < c1; ++c) out[c] = R{};
-      if (c1 > c0)
-        for (int64_t s = 0; s < p.slices; ++s) merge_into(out + c0, part + s * p.c + c0, c1 - c0);
+      const item_range r = channels_of(p, t, omp_get_num_threads());
+      for (int64_t c = r.begin; c < r.end; ++c) out[c] = R{};
+      if (r.end > r.begin)
+        for (int64_t s = 0; s < p.slices; ++s)
+          merge_into(out + r.begin, part + s * p.c + r.begin, r.end - r.begin);
     }
     then(t, omp_get_num_threads());
   }
@@ -928,7 +934,6 @@ void elementwise_share(const plan& p, int t, int threads, Run run, Part part) {
   }
 }
 
-
 void normalize_share(const kernel_table& k, const plan& p, const normalize_args& args, int t,
                      int threads) {
   elementwise_share(
@@ -991,7 +996,7 @@ constexpr int64_t kNhwcFusedRows = 1024;
 // blocks. (Session 8.)
 
 // NHWC: blocks are whole 64-channel column groups (kColumnGroup) of all the
-// rows, as many as fit, with x and y, in half of L2 (nothing is prefetched
+// rows, as many as fit, of x, in half of L2 (nothing is prefetched
 // meanwhile), and at most an even share of the groups per thread. Returns 0
 // (use the phases) for more than kNhwcFusedRows rows, for narrower shares
 // of the columns (above), or when one group of all the rows does not fit.
@@ -1256,7 +1261,6 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   const kernel_table& k = kernels();
   const int nt = threads_for(2 * total * static_cast<int64_t>(sizeof(float)));
   const int64_t block = fused_block(k, p, nt, 1);
-  auto channel = allocate<partial>(block == 0 ? p.c : 0);
   coefficient_scratch coef(kNormalizeScratch * p.c, y);
   if (!coef) return out_of_memory(fn, p.c);
   float* scale = coef.get();
@@ -1272,9 +1276,11 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
     // between them took longer on small tensors (mean per call, session 8:
     // NHWC 1x512x7x7 7.3 -> 5.7 us, NCHW 1x2048x7x7 34.8 -> 26.1 us, NCHW
     // 8x256x14x14 -11%; large tensors within noise).
+    auto channel = allocate<partial>(p.c);
     if (!channel) return out_of_memory(fn, p.c);
     const bool ok = moments_phase(k, p, x, nt, channel.get(), [&](int t, int threads) {
-      const int64_t c0 = p.c * t / threads, c1 = p.c * (t + 1) / threads;
+      const item_range r = channels_of(p, t, threads);
+      const int64_t c0 = r.begin, c1 = r.end;
       for (int64_t c = c0; c < c1; ++c) finish_moments(channel[c], &mean[c], &var[c]);
       scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
       std::copy(mean + c0, mean + c1, aligned_mean + c0);
@@ -1533,7 +1539,8 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
     // coefficients of its channel range, then, after a barrier, computes its
     // share of dx.
     const bool ok = sums_phase(k, p, x, dy, mean, mask, nt, channel.get(), [&](int t, int threads) {
-      const int64_t c0 = p.c * t / threads, c1 = p.c * (t + 1) / threads;
+      const item_range r = channels_of(p, t, threads);
+      const int64_t c0 = r.begin, c1 = r.end;
       k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
       for (int64_t c = c0; c < c1; ++c) coefficients.finish(c, channel[c], dgamma, dbeta);
       std::copy(mean + c0, mean + c1, aligned_mean + c0);
