@@ -430,9 +430,9 @@ void moments_columns(const float* x, region r, int64_t j0, const float* shift, m
 constexpr int64_t kStreamRowsFrom = 512;
 constexpr int64_t kStreamBlock = 512;
 // Rows of kOneRowFrom to kStreamRowsFrom - 1 channels go one row at a time in
-// memory order, with the sums in L1: always in the backward sums
-// (backward_reduce_rows), in the moments for tensors beyond the cache
-// (moments_nhwc's `far`).
+// memory order, with the sums in L1, in the moments for tensors beyond the
+// cache (moments_nhwc's `far`); the backward sums take rows of kOneRowFrom
+// to kStreamBlock channels so, always (backward_reduce_rows).
 constexpr int64_t kOneRowFrom = 256;
 
 // Calls add(i, j, u) for the vectors at columns j (a multiple of W in
@@ -1003,15 +1003,17 @@ void backward_reduce_columns(const float* x, const float* dy, region r, int64_t 
   backward_sums_out<A>(x, dy, r, j0, Q * W, mean, relu_in, a0, a1, sum_dy, sum_dy_xmu);
 }
 
-// NHWC rows of kOneRowFrom to kStreamRowsFrom - 1 channels (a multiple of W):
-// one row after the other, in memory order, with the sums in L1. The column
+// NHWC rows of kOneRowFrom to kStreamBlock channels (a multiple of W): one
+// row after the other, in memory order, with the sums in L1. The column
 // groups read 256 bytes of each 1-2 KiB row per pass, four passes or more
-// over a chunk, without the next-group prefetch of wider rows; in memory
-// order backward 8x256x56x56 took 29% less time, 32x256x56x56 20%,
-// 65536x256 27% (four rows at a time, as deviation_rows does, was 2-9%
-// slower). Other widths measured slower or mixed this way (64: +5..+10%;
-// 128: up to +50%; 512 and 1024: -15..+25%; 2048: +15%). Every channel
-// gets the same operations in the same order as in a column group.
+// over a chunk; in memory order backward 8x256x56x56 took 29% less time,
+// 32x256x56x56 20%, 65536x256 27% (four rows at a time, as deviation_rows
+// does, was 2-9% slower). With C = 512 the sums alone took 3-22% less
+// (1x512x28x28 37 -> 29 us, 32x512x7x7 69 -> 55 us, 128x512x28x28 -6%;
+// session 9). Other widths measured slower or mixed this way (64: +5..+10%;
+// 128: up to +50%; 1024: -13..+28%, 4096x1024 in L3 the worst; 2048: +15..+42%).
+// Every channel gets the same operations in the same order as in a column
+// group.
 
 template <class A>
 void backward_reduce_rows(const float* x, const float* dy, region r, const float* mean,
@@ -1040,7 +1042,7 @@ template <class A>
 void backward_reduce_nhwc(const float* x, const float* dy, region r, const float* mean,
                           relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu) {
   constexpr int64_t W = simd::vfloat<A>::size;
-  if (r.stride >= kOneRowFrom && r.stride < kStreamRowsFrom && r.cols % W == 0) {
+  if (r.stride >= kOneRowFrom && r.stride <= kStreamBlock && r.cols % W == 0) {
     backward_reduce_rows<A>(x, dy, r, mean, relu_in, sum_dy, sum_dy_xmu);
     return;
   }
