@@ -429,10 +429,10 @@ void moments_columns(const float* x, region r, int64_t j0, const float* shift, m
 // so the results are bitwise the same.
 constexpr int64_t kStreamRowsFrom = 512;
 constexpr int64_t kStreamBlock = 512;
-// Rows of kOneRowFrom to kStreamRowsFrom - 1 channels go one row at a time in
-// memory order, with the sums in L1, in the moments for tensors beyond the
-// cache (moments_nhwc's `far`); the backward sums take rows of kOneRowFrom
-// to kStreamBlock channels so, always (backward_reduce_rows).
+// Rows of kOneRowFrom to kStreamBlock channels go one row at a time in
+// memory order, with the sums in L1: in the moments for tensors beyond the
+// cache (moments_nhwc's `far`), always in the backward sums
+// (backward_reduce_rows).
 constexpr int64_t kOneRowFrom = 256;
 
 // Calls add(i, j, u) for the vectors at columns j (a multiple of W in
@@ -518,10 +518,14 @@ template <class A>
 void moments_nhwc(const float* x, region r, const float* shift, bool far, moments* out) {
   constexpr int64_t W = simd::vfloat<A>::size;
   int64_t j = 0;
-  // Rows of kOneRowFrom to kStreamRowsFrom - 1 channels of tensors larger
-  // than the cache: one row after the other, as the backward sums do
+  // Rows of kOneRowFrom to kStreamBlock channels of tensors larger than the
+  // cache: one row after the other, as the backward sums do
   // (backward_reduce_rows): forward training 32x256x56x56 -11%, 8x256x56x56
   // -7..-10%, 65536x256 -6..-19%; in cache (32x256x14x14) +19%, hence `far`.
+  // C = 512 beyond the cache took 14-24% less time so than four rows at a
+  // time (the moments of 32x512x28x28 2.4 -> 1.8 ms; forward training
+  // 128x512x28x28 -8%, session 9); wider rows, whose blocks are parts of a
+  // row, measured slower (1024: +60%).
   auto in_rows = [&](auto rows_per_step) {
     constexpr int U = decltype(rows_per_step)::value;
     const int64_t end = r.cols / (4 * W) * (4 * W);
@@ -534,10 +538,10 @@ void moments_nhwc(const float* x, region r, const float* shift, bool far, moment
     }
     j = end;
   };
-  if (r.stride >= kStreamRowsFrom)
-    in_rows(std::integral_constant<int, 4>{});
-  else if (far && r.stride >= kOneRowFrom)
+  if (far && r.stride >= kOneRowFrom && r.stride <= kStreamBlock)
     in_rows(std::integral_constant<int, 1>{});
+  else if (r.stride >= kStreamRowsFrom)
+    in_rows(std::integral_constant<int, 4>{});
   for (; j + 4 * W <= r.cols; j += 4 * W) moments_columns<A, 4>(x, r, j, shift, out);
   for (; j + W <= r.cols; j += W) moments_columns<A, 1>(x, r, j, shift, out);
   // Tail channels: the same operations as one vector lane, in scalar.
