@@ -304,8 +304,7 @@ inline void prefetch_group(const float* at) {
 // channels at a time with their accumulators in registers: each channel is
 // one vector lane (or, in the tail, the same operations in scalar), so its
 // result does not depend on which group it falls in. The region is a chunk
-// of whole rows; the operator prefetches the next chunk if it is small,
-// and every group the next group (above).
+// of whole rows; every group prefetches the next group (above).
 //
 // With a shift per channel (the previous chunk's means), one pass first:
 // sums of d = x - shift and d^2 give mean = shift + sum(d)/n and
