@@ -145,7 +145,7 @@ int64_t nchw_chunk(const plan& p, int64_t k, region* r) {
 // only effect is __builtin_prefetch for one without effects and deletes
 // calls to it. Until session 9 the NHWC reductions asked for the next chunk
 // (up to 256 KiB) while reducing one, and no such request was ever compiled;
-// made real, they cost 10-35% (NHWC forward training 32x64x112x112 +30%,
+// made real, they cost 10-31% (NHWC forward training 32x64x112x112 +30%,
 // 65536x256 +10%; backward 128x128x28x28 +25%), and they are gone.
 void prefetch_floats(const float* p, int64_t n) {
   const char* bytes = reinterpret_cast<const char*>(p);
