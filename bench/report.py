@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 
 OPS = ["fwd_training", "fwd_inference", "backward",
@@ -84,9 +85,12 @@ class Results:
 
     Times are each row's best iteration (use_mean: the mean); its reference
     is the non-temporal copy of the same traffic timed just before it.
+    use_paired: time/copy is instead the median over the passes of each
+    pass's ratio to its own copy (paired_ratio, see best_of_json); times,
+    GB/s and speed-ups stay those of the best iteration.
     """
 
-    def __init__(self, paths, use_mean=False):
+    def __init__(self, paths, use_mean=False, use_paired=False):
         self.rows = {}
         self.copies = {}
         self.machine = {}  # (kind, bytes) -> best GB/s
@@ -94,6 +98,7 @@ class Results:
         self.descs = []  # registration order
         self.files = paths
         self.use_mean = use_mean
+        self.use_paired = use_paired
         raw = collections.OrderedDict()
         for path in paths:
             with open(path) as f:
@@ -152,7 +157,8 @@ class Results:
             traffic, _ = traffic_and_copy_bytes(op, parse_shape(desc))
             copy_s = traffic / (b["copy_GB/s"] * 1e9)
             t = t_mean if self.use_mean else b["best_ratio"] * copy_s
-            self.rows[(op, layout, impl, desc)] = Row(t, traffic / t * 1e-9, t / copy_s,
+            ratio = b.get("paired_ratio", b["best_ratio"]) if self.use_paired else t / copy_s
+            self.rows[(op, layout, impl, desc)] = Row(t, traffic / t * 1e-9, ratio,
                                                       b["copy_GB/s"], error, b.get("others_cpu"))
 
     def get(self, op, layout, impl, desc):
@@ -440,8 +446,9 @@ def write_markdown(res, path, images, img_rel):
          + ("" if "merged_from" not in ctx else " (reruns merged)")
          + ("" if "best_of_passes" not in ctx else
             "; best of %d full passes (%s): each row's fastest pass, its ratio against the "
-            "fastest copy of the same traffic in any pass" % (
-                len(ctx["best_of_passes"].split()), ctx["best_of_passes"]))),
+            "%s" % (len(ctx["best_of_passes"].split()), ctx["best_of_passes"],
+                    "copy of its own pass (median of the passes, --paired)" if res.use_paired
+                    else "fastest copy of the same traffic in any pass"))),
         ("Disturbed rows", "%d of %d (other processes used more than %d%% of the CPUs while "
          "they ran, or they failed; marked \u2020)" % (len(res.disturbed()), len(res.raw),
                                                         DISTURBED * 100)),
@@ -472,8 +479,11 @@ def write_markdown(res, path, images, img_rel):
       "before each row (best of 9 batches), because this machine's memory bandwidth drifts "
       "by a factor of two over an hour (other virtual machines share it; see *The machine "
       "today* below). Rows run iterations for at least the min time; GB/s and speed-ups use "
-      "the same %s time." % (("mean iteration", "mean") if res.use_mean else
-                              ("best iteration", "best")))
+      "the same %s time.%s" % ((("mean iteration", "mean") if res.use_mean else
+                                 ("best iteration", "best")) +
+                                (" Here (report.py --paired) time/copy is instead the median "
+                                 "over the passes of each pass's best iteration divided by the "
+                                 "copy timed before it in that pass." if res.use_paired else "",)))
     w("- **speed-up** is the faster peer's time divided by bnorm's on the same shape and "
       "layout; **bold** when below 1 (bnorm slower).")
     w("- Problems: the ResNet-50 batch-norm inputs (channels x height x width) at batch 1, 8, "
@@ -673,7 +683,14 @@ def best_of_json(paths, out):
     pass. This machine runs at full or at about half speed for seconds to minutes
     at a time (other virtual machines share it); a row and the rows of its peers,
     measured seconds apart, may fall into different states. The best of passes
-    minutes apart gives every implementation, and the copy, its full-speed figure."""
+    minutes apart gives every implementation, and the copy, its full-speed figure.
+
+    Each row also gets paired_ratio: the median over the passes of the pass's
+    best iteration divided by the copy timed just before it in the same pass
+    (report.py --paired). Pairing a row with its own copy cancels the state
+    both ran in, unless it changed between them; the median of the passes
+    drops such flips. The best-of ratio above is the conservative one: a copy
+    that once caught a fast state sets the reference for every pass."""
     merged, benchmarks = read_files(paths)
     if any(b.get("run_type") == "aggregate" for b in benchmarks):
         sys.exit("report.py --best-of: passes of the suite without --benchmark_repetitions")
@@ -691,6 +708,7 @@ def best_of_json(paths, out):
         if all("best_ratio" in b and b.get("copy_GB/s") for b in ok):
             # A pass's best time is best_ratio * traffic / copy_GB/s.
             fastest = dict(min(ok, key=lambda b: b["best_ratio"] / b["copy_GB/s"]))
+            fastest["paired_ratio"] = statistics.median(b["best_ratio"] for b in ok)
             copy = max(b["copy_GB/s"] for b in ok)
             for key in ("best_ratio", "copy_ratio"):
                 if key in fastest:
@@ -745,8 +763,12 @@ def main():
     ap.add_argument("--best-of", metavar="OUT",
                     help="write each row's fastest pass of the inputs (full passes of the "
                     "suite) as one JSON file, nothing else")
-    ap.add_argument("--mean", action="store_true",
-                    help="score rows by their mean iteration time instead of the best")
+    score = ap.add_mutually_exclusive_group()
+    score.add_argument("--mean", action="store_true",
+                       help="score rows by their mean iteration time instead of the best")
+    score.add_argument("--paired", action="store_true",
+                       help="time/copy as the median over the passes of each pass's ratio "
+                       "to its own copy (a --best-of file); times and speed-ups unchanged")
     ap.add_argument("--md", default=os.path.join(docs, "performance.md"))
     ap.add_argument("--img-dir", default=os.path.join(docs, "img"))
     ap.add_argument("--format", choices=["svg", "png"], default="svg", help="of the plots")
@@ -764,7 +786,7 @@ def main():
     writes_docs = not (args.summary or args.disturbed_filter or args.merge_into or args.best_of)
     if writes_docs:
         reexec_with_matplotlib()
-    res = Results(args.json, use_mean=args.mean)
+    res = Results(args.json, use_mean=args.mean, use_paired=args.paired)
     if args.disturbed_filter:
         names = res.disturbed()
         if names:
