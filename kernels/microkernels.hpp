@@ -168,17 +168,23 @@ moments moments_two_pass(const float* x, region r) {
 // pass around a provisional mean from part of it; the two passes follow only
 // if that is too far from the region's mean. The part: every 8th vector of
 // every row (an eighth of the region, spread over all of it) when rows hold
-// at least kSampleRowValues values, else the first row (NCHW: one image's
-// plane of the channel) when there are several; either only if it holds at
-// least kShiftValues values: their mean, were the values independent, lies
-// within sigma/11 of the region's, well inside the sigma/sqrt(7) the test
-// allows. Otherwise (7x7 rows: 49 values) the two passes: with only a first
-// row of 49, the test failed and three passes followed.
+// at least kSampleRowValues values, else the first rows (NCHW: images'
+// planes of the channel) that hold at least kShiftValues values, when the
+// region has more rows than that (shift_rows): their mean, were the values
+// independent, lies within sigma/11 of the region's, well inside the
+// sigma/sqrt(7) the test allows. Otherwise (a region of one row, or of too
+// few) the two passes. 7x7 planes take three rows (147 values); with one
+// row of 49 the test failed and three passes followed, and until session 10
+// they took the two passes: NCHW 7x7 moments took twice as long as the same
+// tensor's in NHWC.
 constexpr int64_t kShiftValues = 128;
 constexpr int64_t kSampleRowValues = 256;
 
-inline bool first_row_shift(region r) {
-  return r.rows > 1 && r.cols >= kShiftValues;
+// The first rows of r that hold at least kShiftValues values; 0 rows when r
+// has no more rows than that.
+inline region shift_rows(region r) {
+  const int64_t rows = (kShiftValues + r.cols - 1) / r.cols;
+  return {rows < r.rows ? rows : 0, r.cols, r.stride};
 }
 
 // Values that sampled_mean reads.
@@ -212,8 +218,8 @@ moments moments_nchw(const float* x, region r, float shift) {
   if (std::isnan(shift)) {
     if (r.cols >= kSampleRowValues && sampled_values(r, simd::vfloat<A>::size) >= kShiftValues)
       shift = sampled_mean<A>(x, r);
-    else if (first_row_shift(r))
-      shift = provisional_mean<A>(x, {1, r.cols, r.stride});
+    else if (shift_rows(r).rows > 0)
+      shift = provisional_mean<A>(x, shift_rows(r));
   }
   moments shifted;
   if (!std::isnan(shift) && moments_nchw_shifted<A>(x, r, shift, &shifted)) return shifted;
@@ -225,10 +231,10 @@ moments moments_nchw(const float* x, region r, float shift) {
 // fixed costs of a reduction (horizontal sums, the double arithmetic) are
 // paid once per W channels. Channel j of the group is region r at
 // x + j * channel_stride; out[j] for j < channels <= W. Per channel, as
-// moments_nchw without a shift: pass 1 over the first row (the whole region
-// unless first_row_shift), pass 2 over the region, each with two accumulators
-// (alternating vectors); a channel of several rows whose first row's mean is
-// too far from its own gets the two passes (moments_two_pass). haddp sums
+// moments_nchw without a shift: pass 1 over the first rows (shift_rows; the
+// whole region if none), pass 2 over the region, each with two accumulators
+// (alternating vectors); a channel whose first rows' mean is too far from
+// its own gets the two passes (moments_two_pass). haddp sums
 // the W channels' vectors into one vector, lane j holding channel j. The
 // group is always channels [gW, gW + W) of the tensor, so a channel's
 // arithmetic depends only on the shape.
@@ -239,8 +245,9 @@ void moments_nchw_group(const float* x, region r, int64_t channels, int64_t chan
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const double count = static_cast<double>(r.rows * r.cols), inv = 1.0 / count;
-  const bool one_pass = first_row_shift(r);
-  const region first = one_pass ? region{1, r.cols, r.stride} : r;
+  const region head = shift_rows(r);
+  const bool one_pass = head.rows > 0;
+  const region first = one_pass ? head : r;
   alignas(64) float x0[W], m[W], s1[W], s2[W];
   V part[W], part2[W];
   for (int64_t j = 0; j < W; ++j) {

@@ -179,18 +179,24 @@ TEST(Robustness, DriftingChunksKeepStatisticsAccurate) {
   }
 }
 
-// NCHW: a slice's first chunk of several images is reduced in one pass around its first
-// image's mean, and must be reduced again with two passes when that is far from the chunk's
-// mean. Here image 0 of every channel sits 3000 standard deviations above the others: around
-// its mean, the one-pass variance would cancel (sum of d^2 is up to 20 times M2) and lose a
-// digit. 14x14 images: 20 per chunk (moments_nchw), and at batch 10 a channel is one chunk of
-// the group kernel (moments_nchw_group). Batch 1 with 56x56 images: one chunk of one row per
-// channel, reduced around the mean of every 8th vector; there the first 16 values of every
-// 128 of each channel are the outliers (all that AVX-512 samples, part of it with narrower
-// vectors). The variance must be as close as two passes get it.
+// NCHW: a slice's first chunk of several images is reduced in one pass around the mean of
+// its first images (at least 128 values: one 14x14 image, three 7x7 ones), and must be
+// reduced again with two passes when that is far from the chunk's mean. Here image 0 of
+// every channel sits 3000 standard deviations above the others: around its mean, the
+// one-pass variance would cancel (sum of d^2 is up to 20 times M2) and lose a digit. 14x14
+// images: 20 per chunk (moments_nchw), and at batch 10 a channel is one chunk of the group
+// kernel (moments_nchw_group); 7x7 images: 83 per chunk at batch 100, the group kernel at
+// batch 40. Batch 1 with 56x56 images: one chunk of one row per channel, reduced around the
+// mean of every 8th vector; there the first 16 values of every 128 of each channel are the
+// outliers (all that AVX-512 samples, part of it with narrower vectors). The variance must be
+// as close as two passes get it.
 TEST(Robustness, OutlierFirstImageKeepsStatisticsAccurate) {
-  for (int64_t n : {10, 40, 1}) {
-    const bnorm_shape sh{n, 64, n == 1 ? 3136 : 196, BNORM_NCHW};
+  const struct {
+    int64_t n, spatial;
+  } shapes[] = {{10, 196}, {40, 196}, {1, 3136}, {40, 49}, {100, 49}};
+  for (const auto& t : shapes) {
+    const int64_t n = t.n;
+    const bnorm_shape sh{n, 64, t.spatial, BNORM_NCHW};
     SCOPED_TRACE(describe(sh));
     const int64_t count = bnorm_ref::elements(sh);
     std::mt19937_64 rng(78);
