@@ -218,8 +218,8 @@ moments moments_nchw(const float* x, region r, float shift) {
   if (std::isnan(shift)) {
     if (r.cols >= kSampleRowValues && sampled_values(r, simd::vfloat<A>::size) >= kShiftValues)
       shift = sampled_mean<A>(x, r);
-    else if (shift_rows(r).rows > 0)
-      shift = provisional_mean<A>(x, shift_rows(r));
+    else if (const region head = shift_rows(r); head.rows > 0)
+      shift = provisional_mean<A>(x, head);
   }
   moments shifted;
   if (!std::isnan(shift) && moments_nchw_shifted<A>(x, r, shift, &shifted)) return shifted;
@@ -528,7 +528,7 @@ void moments_nhwc(const float* x, region r, const float* shift, bool far, moment
   // cache: one row after the other, as the backward sums do
   // (backward_reduce_rows): forward training 32x256x56x56 -11%, 8x256x56x56
   // -7..-10%, 65536x256 -6..-19%; in cache (32x256x14x14) +19%, hence `far`.
-  // C = 512 beyond the cache took 14-24% less time so than four rows at a
+  // C = 512 beyond the cache took 14-24% less time than four rows at a
   // time (the moments of 32x512x28x28 2.4 -> 1.8 ms; forward training
   // 128x512x28x28 -8%, session 9); wider rows, whose blocks are parts of a
   // row, measured slower (1024: +60%).
