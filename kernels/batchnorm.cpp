@@ -1640,10 +1640,7 @@ bnorm_status bnorm_update_running_stats(int64_t c, int64_t count, float momentum
   // PyTorch's convention: the running variance is unbiased (Bessel's correction).
   const double m = momentum, keep = 1.0 - m;
   const double bessel = static_cast<double>(count) / static_cast<double>(count - 1);
-  for (int64_t i = 0; i < c; ++i) {
-    running_mean[i] = static_cast<float>(keep * running_mean[i] + m * mean[i]);
-    running_var[i] = static_cast<float>(keep * running_var[i] + m * (var[i] * bessel));
-  }
+  kernels().running_stats(c, keep, m, bessel, mean, var, running_mean, running_var);
   return succeed();
 }
 

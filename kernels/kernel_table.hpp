@@ -107,6 +107,12 @@ struct kernel_table {
   // (correctly rounded IEEE operations: the bits of the scalar expression).
   void (*invstd)(const float* var, float eps, int64_t n, double* invstd);
 
+  // running_mean = keep * running_mean + m * mean and running_var = keep *
+  // running_var + m * (var * bessel) for j < n, in double, rounded once to
+  // float (the bits of the scalar expressions).
+  void (*running_stats)(int64_t n, double keep, double m, double bessel, const float* mean,
+                        const float* var, float* running_mean, float* running_var);
+
   // dx = a * dy + ((x - mean) * b + c); x == nullptr means b = c = 0 (x unused).
   void (*backward_apply_nchw)(const float* x, const float* dy, float* dx, flat_run f,
                               const float* mean, const float* a, const float* b, const float* c,
