@@ -642,6 +642,12 @@ T* arg(uint32_t nulls, int pos, T* ptr) {
   return null_at(nulls, pos) ? nullptr : ptr;
 }
 
+// A tensor parameter (x, y, dy, dx, relu_mask) may be NULL where the tensor
+// (this call's part of the batch: n rows) has no values (bnorm.h).
+bool tensor_ok(uint32_t nulls, int pos, const problem& p, int64_t n) {
+  return !null_at(nulls, pos) || n == 0 || p.spatial == 0;
+}
+
 bool eps_flags_ok(const problem& p, unsigned allowed) {
   return p.eps >= 0.f && (p.flags & ~allowed) == 0;
 }
@@ -1001,8 +1007,9 @@ std::optional<std::vector<float>> run_inference(const problem& p, const variant&
 
   const uint32_t nulls = nulls_for(p, {2, 3});
   const bool valid = !null_at(nulls, 0) && p.shape_ok &&
-                     eps_flags_ok(p, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS) && !null_at(nulls, 1) &&
-                     !null_at(nulls, 4) && !null_at(nulls, 5) && !null_at(nulls, 6) &&
+                     eps_flags_ok(p, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS) &&
+                     tensor_ok(nulls, 1, p, p.n) && !null_at(nulls, 4) && !null_at(nulls, 5) &&
+                     tensor_ok(nulls, 6, p, p.n) &&
                      !(xy.in != xy.out && overlap(xy.in, xy.out, p.total));
   if (valid && !p.fits) return std::nullopt;
   a.snapshot();
@@ -1043,8 +1050,8 @@ backward_out run_backward(const problem& p, const variant& v, const std::vector<
   const uint32_t nulls = nulls_for(p, {3, 8, 9});
   const bool valid =
       !null_at(nulls, 0) && p.shape_ok && eps_flags_ok(p, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS) &&
-      !null_at(nulls, 1) && !null_at(nulls, 2) && !null_at(nulls, 4) && !null_at(nulls, 5) &&
-      !null_at(nulls, 7) && !(relu && null_at(nulls, 6)) &&
+      tensor_ok(nulls, 1, p, p.n) && tensor_ok(nulls, 2, p, p.n) && !null_at(nulls, 4) &&
+      !null_at(nulls, 5) && tensor_ok(nulls, 7, p, p.n) && (!relu || tensor_ok(nulls, 6, p, p.n)) &&
       !(bt.dx != bt.dy && overlap(bt.dx, bt.dy, p.total)) && !overlap(bt.dx, bt.x, p.total);
   backward_out o;
   if (valid && !p.fits) return o;
@@ -1163,8 +1170,9 @@ void run_split_training(const problem& p) {
     for (int j = 0; j < parts; ++j) {
       const int64_t n0 = part_begin(p, parts, j), nj = part_begin(p, parts, j + 1) - n0;
       const float* x = xy.in + (parts > 1 ? n0 * per_row : 0);
-      const bool valid = !null_at(nulls, 0) && p.shape_ok && !null_at(nulls, 1) &&
-                         !null_at(nulls, 2) && !null_at(nulls, 3);
+      const bool valid = !null_at(nulls, 0) && p.shape_ok &&
+                         tensor_ok(nulls, 1, p, nj) && !null_at(nulls, 2) &&
+                         !null_at(nulls, 3);
       if (valid && !p.fits) return;
       a.snapshot();
       const bnorm_shape shape = make_shape(p, parts > 1 ? nj : p.n);
@@ -1212,8 +1220,8 @@ void run_split_training(const problem& p) {
     static const char fn[] = "bnorm_normalize";
     const uint32_t nulls = nulls_for(p, {2, 3});
     const bool valid = !null_at(nulls, 0) && p.shape_ok && eps_flags_ok(p, BNORM_FUSE_RELU) &&
-                       !null_at(nulls, 1) && !null_at(nulls, 4) && !null_at(nulls, 5) &&
-                       !null_at(nulls, 6) && !(relu && null_at(nulls, 7)) &&
+                       tensor_ok(nulls, 1, p, p.n) && !null_at(nulls, 4) && !null_at(nulls, 5) &&
+                       tensor_ok(nulls, 6, p, p.n) && (!relu || tensor_ok(nulls, 7, p, p.n)) &&
                        !(xy.in != xy.out && overlap(xy.in, xy.out, p.total));
     if (valid && !p.fits) return;
     a.snapshot();
@@ -1286,10 +1294,12 @@ void run_split_backward(const problem& p) {
     static const char fn[] = "bnorm_backward_reduce";
     const uint32_t nulls = nulls_for(p, {});
     for (int j = 0; j < parts; ++j) {
+      const int64_t nj = part_shape(j).n;
       const bool valid = !null_at(nulls, 0) && p.shape_ok &&
                          eps_flags_ok(p, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS) &&
-                         !null_at(nulls, 1) && !null_at(nulls, 2) && !null_at(nulls, 3) &&
-                         !null_at(nulls, 4) && !(relu && null_at(nulls, 5)) && !null_at(nulls, 6) &&
+                         tensor_ok(nulls, 1, p, nj) && tensor_ok(nulls, 2, p, nj) &&
+                         !null_at(nulls, 3) && !null_at(nulls, 4) &&
+                         (!relu || tensor_ok(nulls, 5, p, nj)) && !null_at(nulls, 6) &&
                          !null_at(nulls, 7);
       if (valid && !p.fits) return;
       a.snapshot();
@@ -1325,11 +1335,12 @@ void run_split_backward(const problem& p) {
       const int64_t part_total = parts > 1 ? shape.n * p.c * p.spatial : p.total;
       const bool valid =
           !null_at(nulls, 0) && p.shape_ok &&
-          eps_flags_ok(p, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS) && !null_at(nulls, 1) &&
-          !null_at(nulls, 2) && !null_at(nulls, 4) && !null_at(nulls, 5) && !null_at(nulls, 9) &&
+          eps_flags_ok(p, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS) &&
+          tensor_ok(nulls, 1, p, shape.n) && tensor_ok(nulls, 2, p, shape.n) &&
+          !null_at(nulls, 4) && !null_at(nulls, 5) && tensor_ok(nulls, 9, p, shape.n) &&
           (global || (!null_at(nulls, 7) && !null_at(nulls, 8) && count > 0 &&
                       count >= shape.n * p.spatial)) &&
-          !(relu && null_at(nulls, 6)) &&
+          (!relu || tensor_ok(nulls, 6, p, shape.n)) &&
           !(bt.dx + at != bt.dy + at && overlap(bt.dx + at, bt.dy + at, part_total)) &&
           !overlap(bt.dx + at, bt.x + at, part_total);
       if (valid && !p.fits) return;

@@ -1150,6 +1150,15 @@ bnorm_status check_eps_flags(const char* fn, float eps, unsigned flags, unsigned
     if (!(ptr)) return fail(BNORM_INVALID_ARGUMENT, "%s: " #ptr " is NULL", fn); \
   } while (0)
 
+// Tensor arguments (x, y, dy, dx, relu_mask) may be NULL when the tensor has
+// no values (n * spatial == 0; `total` in scope): nothing is read or written
+// then, and frameworks hand over an empty tensor's data pointer, which is
+// often NULL (PyTorch's data_ptr()). bnorm_mpi.h says the same per rank.
+#define BNORM_REQUIRE_TENSOR(ptr)     \
+  do {                                \
+    if (total > 0) BNORM_REQUIRE(ptr); \
+  } while (0)
+
 #define BNORM_CHECK(expr)                      \
   do {                                         \
     const bnorm_status status_ = (expr);       \
@@ -1358,10 +1367,10 @@ bnorm_status bnorm_forward_inference(const bnorm_shape* shape, float eps, unsign
   static const char fn[] = "bnorm_forward_inference";
   int64_t total = 0;
   BNORM_CHECK(check_common(fn, shape, eps, flags, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS, &total));
-  BNORM_REQUIRE(x);
+  BNORM_REQUIRE_TENSOR(x);
   BNORM_REQUIRE(mean);
   BNORM_REQUIRE(var);
-  BNORM_REQUIRE(y);
+  BNORM_REQUIRE_TENSOR(y);
   BNORM_CHECK(check_overlap(fn, y, "y", x, "x", total, true));
   coefficient_scratch coef(kNormalizeScratch * shape->c, y);
   if (!coef) return out_of_memory(fn, shape->c);
@@ -1375,11 +1384,11 @@ bnorm_status bnorm_normalize(const bnorm_shape* shape, float eps, unsigned flags
   static const char fn[] = "bnorm_normalize";
   int64_t total = 0;
   BNORM_CHECK(check_common(fn, shape, eps, flags, BNORM_FUSE_RELU, &total));
-  BNORM_REQUIRE(x);
+  BNORM_REQUIRE_TENSOR(x);
   BNORM_REQUIRE(mean);
   BNORM_REQUIRE(var);
-  BNORM_REQUIRE(y);
-  if ((flags & BNORM_FUSE_RELU) && !relu_mask)
+  BNORM_REQUIRE_TENSOR(y);
+  if ((flags & BNORM_FUSE_RELU) && !relu_mask && total > 0)
     return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
   BNORM_CHECK(check_overlap(fn, y, "y", x, "x", total, true));
   coefficient_scratch coef(kNormalizeScratch * shape->c, y);
@@ -1393,7 +1402,7 @@ bnorm_status bnorm_moments(const bnorm_shape* shape, const float* x, double* mea
   static const char fn[] = "bnorm_moments";
   int64_t total = 0;
   BNORM_CHECK(check_shape(fn, shape, &total));
-  BNORM_REQUIRE(x);
+  BNORM_REQUIRE_TENSOR(x);
   BNORM_REQUIRE(mean);
   BNORM_REQUIRE(m2);
   const plan p = make_plan(*shape);
@@ -1452,13 +1461,13 @@ bnorm_status bnorm_backward_reduce(const bnorm_shape* shape, float eps, unsigned
   static const char fn[] = "bnorm_backward_reduce";
   int64_t total = 0;
   BNORM_CHECK(check_common(fn, shape, eps, flags, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS, &total));
-  BNORM_REQUIRE(x);
-  BNORM_REQUIRE(dy);
+  BNORM_REQUIRE_TENSOR(x);
+  BNORM_REQUIRE_TENSOR(dy);
   BNORM_REQUIRE(mean);
   BNORM_REQUIRE(var);
   BNORM_REQUIRE(sum_dy);
   BNORM_REQUIRE(sum_dy_xhat);
-  if ((flags & BNORM_FUSE_RELU) && !relu_mask)
+  if ((flags & BNORM_FUSE_RELU) && !relu_mask && total > 0)
     return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
   const plan p = make_plan(*shape);
   auto channel = allocate<sums>(p.c);
@@ -1490,11 +1499,11 @@ bnorm_status bnorm_backward_apply(const bnorm_shape* shape, float eps, unsigned 
   int64_t total = 0;
   BNORM_CHECK(check_common(fn, shape, eps, flags, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS, &total));
   const bool global = flags & BNORM_GLOBAL_STATS;
-  BNORM_REQUIRE(x);
-  BNORM_REQUIRE(dy);
+  BNORM_REQUIRE_TENSOR(x);
+  BNORM_REQUIRE_TENSOR(dy);
   BNORM_REQUIRE(mean);
   BNORM_REQUIRE(var);
-  BNORM_REQUIRE(dx);
+  BNORM_REQUIRE_TENSOR(dx);
   if (!global) {
     BNORM_REQUIRE(sum_dy);
     BNORM_REQUIRE(sum_dy_xhat);
@@ -1505,7 +1514,7 @@ bnorm_status bnorm_backward_apply(const bnorm_shape* shape, float eps, unsigned 
                   fn, static_cast<long long>(count),
                   static_cast<long long>(shape->n * shape->spatial));
   }
-  if ((flags & BNORM_FUSE_RELU) && !relu_mask)
+  if ((flags & BNORM_FUSE_RELU) && !relu_mask && total > 0)
     return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
   BNORM_CHECK(check_overlap(fn, dx, "dx", dy, "dy", total, true));
   BNORM_CHECK(check_overlap(fn, dx, "dx", x, "x", total, false));
@@ -1529,14 +1538,14 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   static const char fn[] = "bnorm_backward";
   int64_t total = 0;
   BNORM_CHECK(check_common(fn, shape, eps, flags, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS, &total));
-  BNORM_REQUIRE(x);
-  BNORM_REQUIRE(dy);
+  BNORM_REQUIRE_TENSOR(x);
+  BNORM_REQUIRE_TENSOR(dy);
   BNORM_REQUIRE(mean);
   BNORM_REQUIRE(var);
-  BNORM_REQUIRE(dx);
+  BNORM_REQUIRE_TENSOR(dx);
   const bool relu = flags & BNORM_FUSE_RELU;
   const bool global = flags & BNORM_GLOBAL_STATS;
-  if (relu && !relu_mask)
+  if (relu && !relu_mask && total > 0)
     return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
   BNORM_CHECK(check_overlap(fn, dx, "dx", dy, "dy", total, true));
   BNORM_CHECK(check_overlap(fn, dx, "dx", x, "x", total, false));

@@ -258,10 +258,11 @@ TEST(InvalidArgument, ForwardInference) {
     const bnorm_shape sh{0, 3, 5, BNORM_NCHW};
     return Inference(o, &sh, -1.0f, 0);
   });
-  ExpectRejected("n = 0, x NULL", [](Operands& o) {
+  // The per-channel arrays are required even then (x and y may be NULL: EmptyBatch below).
+  ExpectRejected("n = 0, mean NULL", [](Operands& o) {
     const bnorm_shape sh{0, 3, 5, BNORM_NCHW};
     return bnorm_forward_inference(&sh, 1e-5f, 0, nullptr, o.gamma.data(), o.beta.data(),
-                                   o.mean.data(), o.var.data(), o.y.data());
+                                   nullptr, o.var.data(), nullptr);
   });
 }
 
@@ -337,6 +338,59 @@ TEST(EmptyBatch, InferenceDoesNothing) {
                  Check(std::strcmp(bnorm_last_error_message(), "") == 0,
                        "error message not empty after success");
         });
+      }
+}
+
+// An empty tensor's data pointer is often NULL (PyTorch's data_ptr()): every operation but
+// training, which needs values, accepts NULL tensor arguments (x, y, dy, dx, relu_mask) then,
+// and with the ReLU flag too; per-channel results are those of an empty batch.
+TEST(EmptyBatch, TensorArgumentsMayBeNull) {
+  for (bnorm_layout l : {BNORM_NCHW, BNORM_NHWC})
+    for (unsigned flags : {0u, unsigned(BNORM_FUSE_RELU)})
+      for (const bnorm_shape& sh : {bnorm_shape{0, 3, 5, l}, bnorm_shape{2, 3, 0, l}}) {
+        SCOPED_TRACE(describe(sh) + " flags=" + std::to_string(flags));
+        Operands o;
+        const auto before = o.Snapshot();
+        EXPECT_EQ(bnorm_forward_inference(&sh, 1e-5f, flags, nullptr, o.gamma.data(),
+                                          o.beta.data(), o.mean.data(), o.var.data(), nullptr),
+                  BNORM_SUCCESS)
+            << bnorm_last_error_message();
+        EXPECT_EQ(bnorm_normalize(&sh, 1e-5f, flags, nullptr, o.gamma.data(), o.beta.data(),
+                                  o.mean.data(), o.var.data(), nullptr, nullptr),
+                  BNORM_SUCCESS)
+            << bnorm_last_error_message();
+        EXPECT_EQ(bnorm_backward_apply(&sh, 1e-5f, flags, nullptr, nullptr, o.gamma.data(),
+                                       o.mean.data(), o.var.data(), nullptr, nullptr, nullptr, 7,
+                                       nullptr),
+                  BNORM_INVALID_ARGUMENT)
+            << "the sums are required without BNORM_GLOBAL_STATS";
+        EXPECT_TRUE(o.Snapshot() == before) << "an empty batch wrote memory";
+
+        double m[Operands::kC], m2[Operands::kC], sdy[Operands::kC], sdyx[Operands::kC];
+        std::fill(m2, m2 + Operands::kC, -1.0);
+        EXPECT_EQ(bnorm_moments(&sh, nullptr, m, m2), BNORM_SUCCESS) << bnorm_last_error_message();
+        EXPECT_EQ(bnorm_backward_reduce(&sh, 1e-5f, flags, nullptr, nullptr, o.mean.data(),
+                                        o.var.data(), nullptr, sdy, sdyx),
+                  BNORM_SUCCESS)
+            << bnorm_last_error_message();
+        for (int64_t c = 0; c < Operands::kC; ++c)
+          EXPECT_TRUE(m[c] == 0 && m2[c] == 0 && sdy[c] == 0 && sdyx[c] == 0) << "c=" << c;
+        EXPECT_EQ(bnorm_backward_apply(&sh, 1e-5f, flags, nullptr, nullptr, o.gamma.data(),
+                                       o.mean.data(), o.var.data(), nullptr, sdy, sdyx, 7,
+                                       nullptr),
+                  BNORM_SUCCESS)
+            << bnorm_last_error_message();
+        EXPECT_EQ(bnorm_backward(&sh, 1e-5f, flags, nullptr, nullptr, o.gamma.data(),
+                                 o.mean.data(), o.var.data(), nullptr, nullptr, o.dgamma.data(),
+                                 o.dbeta.data()),
+                  BNORM_SUCCESS)
+            << bnorm_last_error_message();
+        for (int64_t c = 0; c < Operands::kC; ++c)
+          EXPECT_TRUE(o.dgamma[c] == 0.0f && o.dbeta[c] == 0.0f) << "c=" << c;
+        // Training still needs values, NULL or not.
+        EXPECT_EQ(bnorm_forward_training(&sh, 1e-5f, flags, nullptr, nullptr, nullptr, nullptr,
+                                         o.mean.data(), o.var.data(), nullptr),
+                  BNORM_INVALID_ARGUMENT);
       }
 }
 

@@ -3,7 +3,12 @@
  * This header is the ABI. Every function validates its arguments first and,
  * on any error, returns a status without writing to any output. The text of
  * the last error in the calling thread is available from
- * bnorm_last_error_message(). */
+ * bnorm_last_error_message().
+ *
+ * Empty tensors: a tensor with n*spatial == 0 holds no values, and its
+ * tensor arguments (x, y, dy, dx, relu_mask) may then be NULL, as the data
+ * pointer of an empty tensor often is; the per-channel arrays (length c > 0)
+ * are still required. Forward training needs values (n*spatial > 0). */
 #ifndef BNORM_BNORM_H
 #define BNORM_BNORM_H
 

@@ -128,13 +128,13 @@ class batch_norm {
     if (!grads.dgamma.empty()) check_size("backward", "dgamma", grads.dgamma.size(), shape_.c);
     if (!grads.dbeta.empty()) check_size("backward", "dbeta", grads.dbeta.size(), shape_.c);
     const bnorm_shape s = shape_.c_shape();
-    const unsigned f = flags() | (frozen_stats ? BNORM_GLOBAL_STATS : 0u);
+    const unsigned f = flags() | (frozen_stats ? unsigned(BNORM_GLOBAL_STATS) : 0u);
     check(bnorm_backward(&s, eps_, f, x.data(), dy.data(), gamma(), mean.data(), var.data(),
                          relu_mask.data(), dx.data(), grads.dgamma.data(), grads.dbeta.data()));
   }
 
  private:
-  unsigned flags() const { return relu_ ? BNORM_FUSE_RELU : 0u; }
+  unsigned flags() const { return relu_ ? unsigned(BNORM_FUSE_RELU) : 0u; }
   const float* gamma() const { return gamma_.data(); }
   const float* beta() const { return beta_.data(); }
 
