@@ -1669,4 +1669,11 @@ const char* bnorm_isa(void) { return kernels().isa; }
 
 const char* bnorm_last_error_message(void) { return g_message; }
 
+// Not declared in bnorm.h: bnorm_mpi (mpi/bnorm_mpi.cpp), which checks its
+// own arguments and agrees with the other ranks, reports through it, so that
+// bnorm_last_error_message() explains its failures too. "" clears it.
+BNORM_API void bnorm_set_last_error_message(const char* message) {
+  std::snprintf(g_message, sizeof g_message, "%s", message ? message : "");
+}
+
 }  // extern "C"

@@ -25,11 +25,35 @@
 
 #include <climits>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <exception>
+#include <string>
 #include <vector>
 
+// Sets this thread's bnorm_last_error_message() (defined in
+// kernels/batchnorm.cpp, exported for this library, in no public header).
+extern "C" void bnorm_set_last_error_message(const char* message);
+
 namespace {
+
+// The message of a failure of fn, for bnorm_last_error_message(); returns status.
+bnorm_status report(bnorm_status status, const char* fn, const std::string& why) {
+  bnorm_set_last_error_message((std::string(fn) + ": " + why).c_str());
+  return status;
+}
+
+bnorm_status succeed() {
+  bnorm_set_last_error_message("");
+  return BNORM_SUCCESS;
+}
+
+std::string format(const char* f, long long a, long long b = 0, long long c = 0,
+                   long long d = 0) {
+  char text[200];
+  std::snprintf(text, sizeof text, f, a, b, c, d);
+  return text;
+}
 
 // Fields of the agreement header. Each travels as v and -v, so that one
 // MPI_MAX gives both the maximum and the minimum over the ranks.
@@ -52,15 +76,19 @@ int64_t priority_of(bnorm_status s) {
 constexpr int64_t kMaxCount = int64_t{1} << 53;
 
 // The communicator's size, or why it cannot be used (no communication).
-bnorm_status communicator_size(MPI_Comm comm, int* size) {
+bnorm_status communicator_size(const char* fn, MPI_Comm comm, int* size) {
   int initialized = 0, finalized = 0;
-  if (MPI_Initialized(&initialized) != MPI_SUCCESS || !initialized) return BNORM_UNSUPPORTED;
-  if (MPI_Finalized(&finalized) != MPI_SUCCESS || finalized) return BNORM_UNSUPPORTED;
-  if (comm == MPI_COMM_NULL) return BNORM_INVALID_ARGUMENT;
+  if (MPI_Initialized(&initialized) != MPI_SUCCESS || !initialized)
+    return report(BNORM_UNSUPPORTED, fn, "MPI is not initialized");
+  if (MPI_Finalized(&finalized) != MPI_SUCCESS || finalized)
+    return report(BNORM_UNSUPPORTED, fn, "MPI is finalized");
+  if (comm == MPI_COMM_NULL) return report(BNORM_INVALID_ARGUMENT, fn, "comm is MPI_COMM_NULL");
   int inter = 0;
-  if (MPI_Comm_test_inter(comm, &inter) != MPI_SUCCESS) return BNORM_UNSUPPORTED;
-  if (inter) return BNORM_INVALID_ARGUMENT;
-  if (MPI_Comm_size(comm, size) != MPI_SUCCESS) return BNORM_UNSUPPORTED;
+  if (MPI_Comm_test_inter(comm, &inter) != MPI_SUCCESS)
+    return report(BNORM_UNSUPPORTED, fn, "MPI_Comm_test_inter failed");
+  if (inter) return report(BNORM_INVALID_ARGUMENT, fn, "comm is an intercommunicator");
+  if (MPI_Comm_size(comm, size) != MPI_SUCCESS)
+    return report(BNORM_UNSUPPORTED, fn, "MPI_Comm_size failed");
   return BNORM_SUCCESS;
 }
 
@@ -75,10 +103,14 @@ struct local_call {
   int64_t header[kFields] = {};
   int64_t count = 0;  // values per channel on this rank: n * spatial
   int64_t total = 0;  // floats of the local tensor
+  std::string why;    // of the rejection that set the priority
 
   bool ok() const { return header[kPriority] == kOk; }
-  void reject(int64_t p) {
-    if (p > header[kPriority]) header[kPriority] = p;
+  void reject(int64_t p, const std::string& reason) {
+    if (p > header[kPriority]) {
+      header[kPriority] = p;
+      why = reason;
+    }
   }
 };
 
@@ -87,9 +119,27 @@ struct local_call {
 // small enough to travel as a double.
 local_call check_local(const bnorm_shape* s, float eps, unsigned flags, unsigned allowed) {
   local_call call;
-  if (!s || (s->layout != BNORM_NCHW && s->layout != BNORM_NHWC) || s->n < 0 || s->c <= 0 ||
-      s->spatial < 0 || s->c > (INT_MAX - 1) / 2 || !(eps >= 0.f) || (flags & ~allowed)) {
-    call.reject(kInvalid);
+  if (!s) {
+    call.reject(kInvalid, "local_shape is NULL");
+    return call;
+  }
+  int layout = 0;  // any value: an out-of-range enum is read as its bytes
+  std::memcpy(&layout, &s->layout, sizeof layout);
+  if ((layout != BNORM_NCHW && layout != BNORM_NHWC) || s->n < 0 || s->c <= 0 || s->spatial < 0) {
+    call.reject(kInvalid, format("local shape n=%lld c=%lld spatial=%lld layout=%lld (need n >= 0, "
+                                 "c > 0, spatial >= 0, layout NCHW or NHWC)",
+                                 s->n, s->c, s->spatial, layout));
+    return call;
+  }
+  if (s->c > (INT_MAX - 1) / 2) {
+    call.reject(kInvalid, format("c = %lld: 2c + 1 doubles exceed one MPI message", s->c));
+    return call;
+  }
+  if (!(eps >= 0.f) || (flags & ~allowed)) {
+    call.reject(kInvalid, !(eps >= 0.f)
+                              ? std::string("eps is negative or NaN")
+                              : format("flags 0x%llx not supported here (allowed 0x%llx)", flags,
+                                       allowed));
     return call;
   }
   int64_t nc = 0;
@@ -97,7 +147,8 @@ local_call check_local(const bnorm_shape* s, float eps, unsigned flags, unsigned
   if (__builtin_mul_overflow(s->n, s->c, &nc) ||
       __builtin_mul_overflow(nc, s->spatial, &call.total) || call.total > kMaxElements ||
       s->n * s->spatial >= kMaxCount) {
-    call.reject(kInvalid);
+    call.reject(kInvalid, format("local shape n=%lld c=%lld spatial=%lld is too large", s->n, s->c,
+                                 s->spatial));
     return call;
   }
   call.count = s->n * s->spatial;
@@ -129,18 +180,29 @@ struct exchange_buffers {
 };
 
 // The agreement: every rank gets the same status (and the same decision to
-// go on) from the reduced headers.
-bnorm_status agree(MPI_Comm comm, const local_call& call) {
+// go on) from the reduced headers; each rank's message says its own reason,
+// or which rank's reason applies.
+bnorm_status agree(const char* fn, MPI_Comm comm, const local_call& call) {
   int64_t send[2 * kFields], recv[2 * kFields];
   for (int f = 0; f < kFields; ++f) {
     send[2 * f] = call.header[f];
     send[2 * f + 1] = -call.header[f];
   }
   if (MPI_Allreduce(send, recv, 2 * kFields, MPI_INT64_T, MPI_MAX, comm) != MPI_SUCCESS)
-    return BNORM_UNSUPPORTED;
-  if (recv[2 * kPriority] != kOk) return status_of(recv[2 * kPriority]);
+    return report(BNORM_UNSUPPORTED, fn, "MPI_Allreduce failed");
+  const int64_t worst = recv[2 * kPriority];
+  if (worst != kOk) {
+    if (call.header[kPriority] == worst) return report(status_of(worst), fn, call.why);
+    return report(status_of(worst), fn,
+                  worst == kInvalid ? "another rank's arguments are invalid"
+                                    : "another rank could not allocate its scratch");
+  }
+  static const char* const names[kFields] = {"", "c", "spatial", "layout", "flags", "eps",
+                                             "the request for dgamma or dbeta"};
   for (int f = kC; f < kFields; ++f)
-    if (recv[2 * f] != -recv[2 * f + 1]) return BNORM_INVALID_ARGUMENT;
+    if (recv[2 * f] != -recv[2 * f + 1])
+      return report(BNORM_INVALID_ARGUMENT, fn,
+                    std::string(names[f]) + " differs between the ranks (all must pass the same)");
   return BNORM_SUCCESS;
 }
 
@@ -169,18 +231,22 @@ bnorm_status bnorm_mpi_forward_training(MPI_Comm comm, const bnorm_shape* local_
                                         unsigned flags, const float* x, const float* gamma,
                                         const float* beta, float* y, float* mean, float* var,
                                         uint8_t* relu_mask) {
+  static const char fn[] = "bnorm_mpi_forward_training";
   int ranks = 0;
-  const bnorm_status usable = communicator_size(comm, &ranks);
+  const bnorm_status usable = communicator_size(fn, comm, &ranks);
   if (usable != BNORM_SUCCESS) return usable;
 
   // Local checks: those of bnorm_forward_training, except that an empty
   // slice is fine (the global batch must not be) and needs no tensors.
   local_call call = check_local(local_shape, eps, flags, BNORM_FUSE_RELU);
   const bool relu = flags & BNORM_FUSE_RELU;
-  if (call.ok() && (!mean || !var)) call.reject(kInvalid);
-  if (call.ok() && call.total > 0 &&
-      (!x || !y || (relu && !relu_mask) || (x != y && overlap(x, y, call.total))))
-    call.reject(kInvalid);
+  if (call.ok() && (!mean || !var)) call.reject(kInvalid, !mean ? "mean is NULL" : "var is NULL");
+  if (call.ok() && call.total > 0) {
+    if (!x) call.reject(kInvalid, "x is NULL");
+    if (!y) call.reject(kInvalid, "y is NULL");
+    if (relu && !relu_mask) call.reject(kInvalid, "BNORM_FUSE_RELU needs relu_mask");
+    if (x != y && overlap(x, y, call.total)) call.reject(kInvalid, "y overlaps x without being it");
+  }
 
   const int64_t c = call.ok() ? local_shape->c : 0;
   exchange_buffers b;
@@ -194,25 +260,30 @@ bnorm_status bnorm_mpi_forward_training(MPI_Comm comm, const bnorm_shape* local_
       m2s.resize(static_cast<size_t>(ranks) * static_cast<size_t>(c));
       merged.resize(static_cast<size_t>(2 * c));
     } catch (const std::exception&) {
-      call.reject(kNoMemory);
+      call.reject(kNoMemory, "no memory for the exchange");
     }
-    if (!b.allocate(ranks, c)) call.reject(kNoMemory);
+    if (!b.allocate(ranks, c)) call.reject(kNoMemory, "no memory for the exchange");
   }
   if (call.ok()) {
     b.mine[0] = static_cast<double>(call.count);
     // bnorm_moments gives mean = M2 = 0 for no values; an empty slice may
     // come without x, so those zeros are written here instead.
     if (call.total > 0)
-      call.reject(priority_of(bnorm_moments(local_shape, x, &b.mine[1], &b.mine[1 + c])));
+      call.reject(priority_of(bnorm_moments(local_shape, x, &b.mine[1], &b.mine[1 + c])),
+                  bnorm_last_error_message());
   }
 
-  const bnorm_status agreed = agree(comm, call);
+  const bnorm_status agreed = agree(fn, comm, call);
   if (agreed != BNORM_SUCCESS) return agreed;
-  if (!gather(comm, b)) return BNORM_UNSUPPORTED;
+  if (!gather(comm, b)) return report(BNORM_UNSUPPORTED, fn, "MPI_Allgather failed");
 
   // Every rank unpacks and merges the same bytes in the same order.
   int64_t count = 0;
-  if (!global_count(b, ranks, c, &count) || count == 0) return BNORM_INVALID_ARGUMENT;
+  if (!global_count(b, ranks, c, &count))
+    return report(BNORM_INVALID_ARGUMENT, fn, "the global batch has too many values per channel");
+  if (count == 0)
+    return report(BNORM_INVALID_ARGUMENT, fn,
+                  "the global batch has no values (n*spatial == 0 on every rank)");
   for (int r = 0; r < ranks; ++r) {
     const double* m = &b.all[static_cast<size_t>(r) * (2 * c + 1)];
     counts[r] = static_cast<int64_t>(m[0]);
@@ -231,26 +302,32 @@ bnorm_status bnorm_mpi_forward_training(MPI_Comm comm, const bnorm_shape* local_
   }
   std::memcpy(mean, batch_mean, c * sizeof(float));
   std::memcpy(var, batch_var, c * sizeof(float));
-  return BNORM_SUCCESS;
+  return succeed();
 }
 
 bnorm_status bnorm_mpi_backward(MPI_Comm comm, const bnorm_shape* local_shape, float eps,
                                 unsigned flags, const float* x, const float* dy, const float* gamma,
                                 const float* mean, const float* var, const uint8_t* relu_mask,
                                 float* dx, float* dgamma, float* dbeta) {
+  static const char fn[] = "bnorm_mpi_backward";
   int ranks = 0;
-  const bnorm_status usable = communicator_size(comm, &ranks);
+  const bnorm_status usable = communicator_size(fn, comm, &ranks);
   if (usable != BNORM_SUCCESS) return usable;
 
   // Local checks: those of bnorm_backward, tensors only for a non-empty slice.
   local_call call = check_local(local_shape, eps, flags, BNORM_FUSE_RELU | BNORM_GLOBAL_STATS);
   const bool relu = flags & BNORM_FUSE_RELU;
   const bool frozen = flags & BNORM_GLOBAL_STATS;
-  if (call.ok() && (!mean || !var)) call.reject(kInvalid);
-  if (call.ok() && call.total > 0 &&
-      (!x || !dy || !dx || (relu && !relu_mask) || (dx != dy && overlap(dx, dy, call.total)) ||
-       overlap(dx, x, call.total)))
-    call.reject(kInvalid);
+  if (call.ok() && (!mean || !var)) call.reject(kInvalid, !mean ? "mean is NULL" : "var is NULL");
+  if (call.ok() && call.total > 0) {
+    if (!x) call.reject(kInvalid, "x is NULL");
+    if (!dy) call.reject(kInvalid, "dy is NULL");
+    if (!dx) call.reject(kInvalid, "dx is NULL");
+    if (relu && !relu_mask) call.reject(kInvalid, "BNORM_FUSE_RELU needs relu_mask");
+    if (dx != dy && overlap(dx, dy, call.total))
+      call.reject(kInvalid, "dx overlaps dy without being it");
+    if (overlap(dx, x, call.total)) call.reject(kInvalid, "dx overlaps x");
+  }
   // The global sums: always for batch statistics (dx needs them); with
   // frozen statistics only for dgamma and dbeta, decided alike on every rank.
   const bool exchange = !frozen || dgamma || dbeta;
@@ -263,26 +340,29 @@ bnorm_status bnorm_mpi_backward(MPI_Comm comm, const bnorm_shape* local_shape, f
     try {
       sums.resize(static_cast<size_t>(2 * c));
     } catch (const std::exception&) {
-      call.reject(kNoMemory);
+      call.reject(kNoMemory, "no memory for the exchange");
     }
-    if (!b.allocate(ranks, c)) call.reject(kNoMemory);
+    if (!b.allocate(ranks, c)) call.reject(kNoMemory, "no memory for the exchange");
   }
   if (call.ok() && exchange) {
     b.mine[0] = static_cast<double>(call.count);
     if (call.total > 0)
       call.reject(priority_of(bnorm_backward_reduce(local_shape, eps, flags, x, dy, mean, var,
-                                                    relu_mask, &b.mine[1], &b.mine[1 + c])));
+                                                    relu_mask, &b.mine[1], &b.mine[1 + c])),
+                  bnorm_last_error_message());
   }
 
-  const bnorm_status agreed = agree(comm, call);
+  const bnorm_status agreed = agree(fn, comm, call);
   if (agreed != BNORM_SUCCESS) return agreed;
 
   int64_t count = call.count;  // unused with frozen statistics
   double* sum_dy = nullptr;
   double* sum_dy_xhat = nullptr;
   if (exchange) {
-    if (!gather(comm, b)) return BNORM_UNSUPPORTED;
-    if (!global_count(b, ranks, c, &count)) return BNORM_INVALID_ARGUMENT;
+    if (!gather(comm, b)) return report(BNORM_UNSUPPORTED, fn, "MPI_Allgather failed");
+    if (!global_count(b, ranks, c, &count))
+      return report(BNORM_INVALID_ARGUMENT, fn,
+                    "the global batch has too many values per channel");
     // Rank order, starting from rank 0's sums: with one rank these are
     // exactly bnorm_backward's.
     sum_dy = sums.data();
@@ -302,7 +382,7 @@ bnorm_status bnorm_mpi_backward(MPI_Comm comm, const bnorm_shape* local_shape, f
     if (dgamma) dgamma[j] = static_cast<float>(sum_dy_xhat[j]);
     if (dbeta) dbeta[j] = static_cast<float>(sum_dy[j]);
   }
-  return BNORM_SUCCESS;
+  return succeed();
 }
 
 }  // extern "C"

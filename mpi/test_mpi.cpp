@@ -43,10 +43,22 @@ void failure(const char* format, ...) {
   }
 }
 
+// Also the message: empty after a success, else naming the function.
 void expect_status(bnorm_status got, bnorm_status want, const char* what) {
+  const char* message = bnorm_last_error_message();
   if (got != want)
     failure("%s: status '%s', expected '%s' (%s)", what, bnorm_status_string(got),
-            bnorm_status_string(want), bnorm_last_error_message());
+            bnorm_status_string(want), message);
+  else if (want == BNORM_SUCCESS && message[0] != '\0')
+    failure("%s: success with the message \"%s\"", what, message);
+  else if (want != BNORM_SUCCESS && std::strncmp(message, "bnorm_", 6) != 0)
+    failure("%s: failed with the message \"%s\"", what, message);
+}
+
+// The message of the last failure contains `part`.
+void expect_message(const char* part, const char* what) {
+  if (!std::strstr(bnorm_last_error_message(), part))
+    failure("%s: message \"%s\" does not say \"%s\"", what, bnorm_last_error_message(), part);
 }
 
 // Deterministic data: the same on every rank for the same seed.
@@ -350,6 +362,7 @@ void run_errors() {
   if (ranks > 1) {
     expect_status(forward(other_c, kEps, 0, x.data()), BNORM_INVALID_ARGUMENT,
                   "forward, c differs on the last rank");
+    expect_message("c differs between the ranks", "forward, c differs on the last rank");
     expect_status(backward(other_c, kEps, 0, x.data(), dx.data(), dg.data(), db.data()),
                   BNORM_INVALID_ARGUMENT, "backward, c differs on the last rank");
   }
@@ -374,6 +387,8 @@ void run_errors() {
   }
   expect_status(forward(good, kEps, 0, last ? nullptr : x.data()), BNORM_INVALID_ARGUMENT,
                 "forward, x NULL on the last rank");
+  expect_message(last ? "x is NULL" : "another rank's arguments are invalid",
+                 "forward, x NULL on the last rank");
   expect_status(forward(good, kEps, BNORM_GLOBAL_STATS, x.data()), BNORM_INVALID_ARGUMENT,
                 "forward, BNORM_GLOBAL_STATS");
   expect_status(forward(good, -1.f, 0, x.data()), BNORM_INVALID_ARGUMENT, "forward, eps < 0");
@@ -395,6 +410,7 @@ void run_errors() {
   const bnorm_shape empty{0, c, spatial, BNORM_NCHW};
   expect_status(forward(empty, kEps, 0, nullptr), BNORM_INVALID_ARGUMENT,
                 "forward, the global batch is empty");
+  expect_message("no values", "forward, the global batch is empty");
   expect_status(bnorm_mpi_forward_training(MPI_COMM_NULL, &good, kEps, 0, x.data(), nullptr,
                                            nullptr, y.data(), mean.data(), var.data(), nullptr),
                 BNORM_INVALID_ARGUMENT, "forward, MPI_COMM_NULL");

@@ -36,8 +36,10 @@
  *    the default, MPI aborts instead;
  *  - the last, local pass (normalize, backward apply) running out of memory:
  *    BNORM_OUT_OF_MEMORY on that rank only, the others succeed.
- * These functions' own checks do not set bnorm_last_error_message(); it
- * explains only a failure inside one of bnorm.h's functions on this rank.
+ * Every failure sets bnorm_last_error_message() on each rank that returns
+ * it: this rank's own reason, or that another rank's arguments were invalid
+ * (or its allocation failed), or which of c, spatial, layout, eps and flags
+ * differ between the ranks; a success clears it.
  *
  * Threads. The calling thread makes MPI calls on comm itself (no duplicate),
  * so MPI must be initialized with a thread level that allows it, and no other
