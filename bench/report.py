@@ -448,7 +448,8 @@ def write_markdown(res, path, images, img_rel):
             "; best of %d full passes (%s): each row's fastest pass, its ratio against the "
             "%s" % (len(ctx["best_of_passes"].split()), ctx["best_of_passes"],
                     "copy of its own pass (median of the passes, --paired)" if res.use_paired
-                    else "fastest copy of the same traffic in any pass"))),
+                    else "fastest of the copies of the same traffic timed just before the row "
+                    "in each pass"))),
         ("Disturbed rows", "%d of %d (other processes used more than %d%% of the CPUs while "
          "they ran, or they failed; marked \u2020)" % (len(res.disturbed()), len(res.raw),
                                                         DISTURBED * 100)),
@@ -679,9 +680,10 @@ def merge_json(paths, out):
 
 def best_of_json(paths, out):
     """Rows of several full passes of the suite (bench/run_bench.sh --passes): each
-    row's fastest pass, timed against the fastest copy of the same traffic in any
-    pass. This machine runs at full or at about half speed for seconds to minutes
-    at a time (other virtual machines share it); a row and the rows of its peers,
+    row's fastest pass, timed against the fastest of the copies of the same
+    traffic timed just before that row in each pass. This machine runs at full or
+    at about half speed for seconds to minutes at a time (other virtual machines
+    share it); a row and the rows of its peers,
     measured seconds apart, may fall into different states. The best of passes
     minutes apart gives every implementation, and the copy, its full-speed figure.
 
