@@ -1254,6 +1254,15 @@ void apply_op(const bnorm_shape* shape, unsigned flags, const float* x, const fl
   apply_phase(kernels(), p, args, threads_for(bytes));
 }
 
+// BNORM_FUSE_RELU needs the mask, unless the tensor is empty (see
+// BNORM_REQUIRE_TENSOR).
+bnorm_status check_relu_mask(const char* fn, unsigned flags, const void* relu_mask,
+                             int64_t total) {
+  if ((flags & BNORM_FUSE_RELU) && !relu_mask && total > 0)
+    return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
+  return BNORM_SUCCESS;
+}
+
 bnorm_status check_overlap(const char* fn, const float* out, const char* out_name, const float* in,
                            const char* in_name, int64_t total, bool may_equal) {
   if ((out != in || !may_equal) && overlap(out, in, total))
@@ -1288,8 +1297,7 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   BNORM_REQUIRE(mean);
   BNORM_REQUIRE(var);
   const bool relu = flags & BNORM_FUSE_RELU;
-  if (relu && !relu_mask)
-    return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
+  BNORM_CHECK(check_relu_mask(fn, flags, relu_mask, total));
   BNORM_CHECK(check_overlap(fn, y, "y", x, "x", total, true));
 
   const plan p = make_plan(*shape);
@@ -1388,8 +1396,7 @@ bnorm_status bnorm_normalize(const bnorm_shape* shape, float eps, unsigned flags
   BNORM_REQUIRE(mean);
   BNORM_REQUIRE(var);
   BNORM_REQUIRE_TENSOR(y);
-  if ((flags & BNORM_FUSE_RELU) && !relu_mask && total > 0)
-    return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
+  BNORM_CHECK(check_relu_mask(fn, flags, relu_mask, total));
   BNORM_CHECK(check_overlap(fn, y, "y", x, "x", total, true));
   coefficient_scratch coef(kNormalizeScratch * shape->c, y);
   if (!coef) return out_of_memory(fn, shape->c);
@@ -1467,8 +1474,7 @@ bnorm_status bnorm_backward_reduce(const bnorm_shape* shape, float eps, unsigned
   BNORM_REQUIRE(var);
   BNORM_REQUIRE(sum_dy);
   BNORM_REQUIRE(sum_dy_xhat);
-  if ((flags & BNORM_FUSE_RELU) && !relu_mask && total > 0)
-    return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
+  BNORM_CHECK(check_relu_mask(fn, flags, relu_mask, total));
   const plan p = make_plan(*shape);
   auto channel = allocate<sums>(p.c);
   auto invstd = allocate<double>(p.c);
@@ -1514,8 +1520,7 @@ bnorm_status bnorm_backward_apply(const bnorm_shape* shape, float eps, unsigned 
                   fn, static_cast<long long>(count),
                   static_cast<long long>(shape->n * shape->spatial));
   }
-  if ((flags & BNORM_FUSE_RELU) && !relu_mask && total > 0)
-    return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
+  BNORM_CHECK(check_relu_mask(fn, flags, relu_mask, total));
   BNORM_CHECK(check_overlap(fn, dx, "dx", dy, "dy", total, true));
   BNORM_CHECK(check_overlap(fn, dx, "dx", x, "x", total, false));
   const plan p = make_plan(*shape);
@@ -1545,8 +1550,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   BNORM_REQUIRE_TENSOR(dx);
   const bool relu = flags & BNORM_FUSE_RELU;
   const bool global = flags & BNORM_GLOBAL_STATS;
-  if (relu && !relu_mask && total > 0)
-    return fail(BNORM_INVALID_ARGUMENT, "%s: BNORM_FUSE_RELU needs relu_mask", fn);
+  BNORM_CHECK(check_relu_mask(fn, flags, relu_mask, total));
   BNORM_CHECK(check_overlap(fn, dx, "dx", dy, "dy", total, true));
   BNORM_CHECK(check_overlap(fn, dx, "dx", x, "x", total, false));
 
