@@ -181,7 +181,7 @@ struct exchange_buffers {
 
 // The agreement: every rank gets the same status (and the same decision to
 // go on) from the reduced headers; each rank's message says its own reason,
-// or which rank's reason applies.
+// or that another rank's applies.
 bnorm_status agree(const char* fn, MPI_Comm comm, const local_call& call) {
   int64_t send[2 * kFields], recv[2 * kFields];
   for (int f = 0; f < kFields; ++f) {
@@ -266,8 +266,8 @@ bnorm_status bnorm_mpi_forward_training(MPI_Comm comm, const bnorm_shape* local_
   }
   if (call.ok()) {
     b.mine[0] = static_cast<double>(call.count);
-    // bnorm_moments gives mean = M2 = 0 for no values; an empty slice may
-    // come without x, so those zeros are written here instead.
+    // An empty slice's moments are the zeros b.mine holds already; skipping
+    // bnorm_moments spares its scratch (and an allocation that could fail).
     if (call.total > 0)
       call.reject(priority_of(bnorm_moments(local_shape, x, &b.mine[1], &b.mine[1 + c])),
                   bnorm_last_error_message());
