@@ -1179,19 +1179,21 @@ bnorm_status out_of_memory(const char* fn, int64_t c) {
 
 // Scratch floats per channel of the elementwise passes: scale, shift and a
 // copy of the mean for the normalize; a, b, c and a copy of the mean for the
-// backward apply. The scratch starts on a cache line (allocate), and so does
-// every array in it when C is a multiple of 16 (as in CNNs): the copy gives
-// the NHWC kernels aligned vectors of the mean whatever the caller's array.
+// backward apply. The copy gives the NHWC kernels vectors of the mean at
+// the same offsets as the other arrays' (below), whatever the caller's array.
 constexpr int64_t kNormalizeScratch = 3;
 constexpr int64_t kApplyScratch = 4;
 
 // That scratch, for a pass that writes `out`, starts 2 KiB (mod 4 KiB) away
-// from out's first byte, on a cache line. When rows are whole 4 KiB pages
-// (NHWC, C = 1024 or 2048), a load of a coefficient whose address shares its
-// low 12 bits with the store just made to `out` waits for that store (4K
-// aliasing), and all three arrays then alias at once: NHWC inference
-// 1x1024x14x14 took 12 or 21 us depending on where malloc put the scratch
-// (session 8). Here it takes 12 wherever it lands.
+// from out's first byte. When rows are whole 4 KiB pages (NHWC, C = 1024 or
+// 2048), a load of a coefficient whose address shares its low 12 bits with
+// the store just made to `out` waits for that store (4K aliasing), and all
+// three arrays then alias at once: NHWC inference 1x1024x14x14 took 12 or
+// 21 us depending on where malloc put the scratch (session 8); here it takes
+// 12 wherever it lands. It starts at out's offset within a cache line (on a
+// line when out is on one), so that when C is a multiple of 16 the NHWC
+// kernels' vectors of coefficients lie on vector boundaries exactly when
+// their vectors of data do (they align their stores to `out`).
 struct coefficient_scratch {
   buffer<float> block;
   float* base = nullptr;
@@ -1200,7 +1202,8 @@ struct coefficient_scratch {
       : block(allocate<float>(floats + kPageFloats)) {
     if (!block) return;
     const uintptr_t at = reinterpret_cast<uintptr_t>(block.get()) % 4096;
-    const uintptr_t want = (reinterpret_cast<uintptr_t>(out) + 2048) % 4096 / 64 * 64;
+    const uintptr_t want =
+        (reinterpret_cast<uintptr_t>(out) + 2048) % 4096 / sizeof(float) * sizeof(float);
     base = block.get() + (want + 4096 - at) % 4096 / sizeof(float);
   }
   explicit operator bool() const { return base != nullptr; }

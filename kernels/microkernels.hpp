@@ -585,7 +585,7 @@ inline simd::vfloat<A> relu_vec(simd::vfloat<A> y) {
 }
 inline float relu1(float y) { return y <= 0.f ? 0.f : y; }
 
-// Scalar elements before y + j is vector-aligned (for streaming stores).
+// Elements before y + j is vector-aligned.
 template <class A>
 int64_t head_to_align(const float* y, int64_t cols) {
   constexpr uintptr_t bytes = sizeof(simd::vfloat<A>);
@@ -665,19 +665,19 @@ class channel_walker {
 
 // Calls step(j, n, k) for the run's values [j, j + n), n <= W, in order, k
 // holding each lane's coefficients: full vectors, with a shorter first step
-// when streaming so that the full vectors' stores are aligned, and a shorter
-// last one. Vectors within one channel take its coefficients from a tight
-// loop; only vectors that cross into another channel go through next().
-// Inlined into its caller, so that the walker and the step's state stay in
-// registers.
+// so that the full vectors' stores are aligned (streaming stores must be;
+// in cache, buffers from malloc, 16 bytes past a vector boundary, then also
+// load whole vectors), and a shorter last one. Vectors within one channel take its coefficients
+// from a tight loop; only vectors that cross into another channel go through next(). Inlined into
+// its caller, so that the walker and the step's state stay in registers.
 template <class A, int K, class Step>
 __attribute__((always_inline)) inline void walk_vectors(channel_walker<A, K>& walk,
                                                         const float* out, int64_t count,
-                                                        bool stream, Step step) {
+                                                        Step step) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   V k[K];
-  int64_t j = stream ? head_to_align<A>(out, count) : 0;
+  int64_t j = head_to_align<A>(out, count);
   if (j > 0) {
     walk.next(j, k);
     step(0, j, k);
@@ -729,7 +729,7 @@ void normalize_run(const float* x, float* y, flat_run f, const float* mean, cons
   const float* const coef[3] = {mean, scale, shift};
   channel_walker<A, 3> walk(coef, f);
   bit_writer bits(Relu ? relu_out.bits : nullptr, relu_out.index);
-  walk_vectors<A>(walk, y, f.count, Stream, [&](int64_t j, int64_t n, const V* k) {
+  walk_vectors<A>(walk, y, f.count, [&](int64_t j, int64_t n, const V* k) {
     V v = madd(load_n<A>(x + j, n) - k[0], k[1], k[2]);
     if constexpr (Relu) {
       v = relu_vec<A>(v);
@@ -749,88 +749,193 @@ void normalize_nchw(const float* x, float* y, flat_run f, const float* mean, con
   run(x, y, f, mean, scale, shift, relu_out);
 }
 
-// NHWC rows are normalized whole, in memory order: one stream in, one out;
-// the per-channel coefficients are re-read from L1 for every row. (Blocks of
-// 512 channels down a chunk's rows, to keep the coefficients of C >= 1024 in
-// L1, measured slower: 4096x1024 inference 2.6 -> 5.5, 32x2048x49 +14%.)
+// NHWC whole rows (a region with cols == stride, C >= W) are one run of
+// rows * C values in memory order, walked a vector at a time like an NCHW
+// run: a vector may hold the end of one row and the start of the next, and
+// then takes the coefficients of its lanes from both ends of the arrays
+// (simd::load_wrapped). So rows of any C cost nothing per row but that
+// vector, and the walk can start with a shorter head that puts every later
+// store on a vector boundary of the output, whatever the buffer's
+// alignment: with streaming stores this is what lets a tensor from malloc
+// (16 bytes past a vector boundary) stream at all (NHWC inference of
+// 32x256x56x56 from such buffers took 1.5x as long when its rows were
+// stored without), and in cache it keeps whole the loads and stores of
+// tensors whose buffers share that offset.
+//
+// Calls step(j, n, q, wrap) for the values [j, j + n), n <= W, in order: q
+// the column of value j, wrap (std::true_type) when the vector's lanes run
+// past the last column. A head of `head` < W values (if any), full vectors,
+// a shorter tail.
+template <class A, class Step>
+__attribute__((always_inline)) inline void walk_rows(int64_t count, int64_t c, int64_t head,
+                                                     Step step) {
+  constexpr int64_t W = simd::vfloat<A>::size;
+  const std::false_type within;
+  const std::true_type wraps;
+  if (head == 0 && c % W == 0) {  // rows of whole vectors on vector boundaries
+    for (int64_t row = 0; row < count; row += c)
+      for (int64_t q = 0; q < c; q += W) step(row + q, W, q, within);
+    return;
+  }
+  int64_t j = std::min(head, count);
+  if (j > 0) step(0, j, 0, within);
+  int64_t q = j;
+  while (j + W <= count) {
+    // The vectors within this row, then the one that runs into the next.
+    const int64_t vectors = std::min((c - q) / W, (count - j) / W);
+    for (int64_t v = 0; v < vectors; ++v, j += W, q += W) step(j, W, q, within);
+    if (q == c) {
+      q = 0;
+    } else if (j + W <= count) {
+      step(j, W, q, wraps);
+      j += W;
+      q += W - c;
+    }
+  }
+  if (j < count) {
+    if (q + W <= c)
+      step(j, count - j, q, within);
+    else
+      step(j, count - j, q, wraps);
+  }
+}
+
+// The vector of per-column values for the lanes of a walk_rows step.
+template <class A, class Wrap>
+inline simd::vfloat<A> columns_at(const float* coef, int64_t q, int64_t c, Wrap) {
+  if constexpr (Wrap::value)
+    return simd::load_wrapped<A>(coef + q, c - q, coef);
+  else
+    return simd::vfloat<A>::load_unaligned(coef + q);
+}
+
+// The head for walk_rows: to the output's next vector boundary when
+// streaming (streaming stores must be aligned) or without a mask; with a
+// mask in cache, only if that keeps the mask in whole bytes per vector.
+template <class A>
+int64_t rows_head(const float* out, int64_t count, int64_t mask_index, bool mask, bool stream) {
+  const int64_t head = head_to_align<A>(out, count);
+  return stream || !mask || (mask_index + head) % 8 == 0 ? head : 0;
+}
+
+// The mask bits of whole vectors go straight to their bytes when every
+// vector starts on a byte (no chain from vector to vector through the
+// bit_writer: with it, 256x1024 took 1.5x as long with ReLU as without);
+// the head, the tail and other runs go through a bit_writer.
+template <class A>
+bool whole_mask_bytes(int64_t mask_index, int64_t head) {
+  return simd::vfloat<A>::size % 8 == 0 && (mask_index + head) % 8 == 0;
+}
+
+// How a walk treats ReLU: none; the mask (if any) bit by bit (bit_writer,
+// load_bits); whole vectors' bits straight to or from their bytes.
+enum class relu_mode { none, bits, bytes };
+
+template <class A>
+relu_mode relu_mode_for(bool relu, const uint8_t* mask, int64_t mask_index, int64_t head) {
+  if (!relu) return relu_mode::none;
+  return mask && whole_mask_bytes<A>(mask_index, head) ? relu_mode::bytes : relu_mode::bits;
+}
+
+// Calls f(mode, stream) with both as compile-time constants
+// (std::integral_constant), so that a kernel is compiled once per pair and
+// its loop tests neither.
+template <class F>
+void with_modes(relu_mode mode, bool stream, F f) {
+  auto with_stream = [&](auto m) {
+    if (stream)
+      f(m, std::true_type{});
+    else
+      f(m, std::false_type{});
+  };
+  if (mode == relu_mode::none)
+    with_stream(std::integral_constant<relu_mode, relu_mode::none>{});
+  else if (mode == relu_mode::bits)
+    with_stream(std::integral_constant<relu_mode, relu_mode::bits>{});
+  else
+    with_stream(std::integral_constant<relu_mode, relu_mode::bytes>{});
+}
+
+// Whether every row of a region takes the same head and ReLU mode as its
+// first: whole rows are one run; the rows of a column block are when their
+// stride keeps vectors (and mask bytes) on the same boundaries.
+template <class A>
+bool uniform_rows(region r, bool mask) {
+  return r.cols == r.stride ||
+         (r.stride % simd::vfloat<A>::size == 0 && (!mask || r.stride % 8 == 0));
+}
+
+// Whole rows walked as one run, or each row of a column block (cols <
+// stride) as its own, all with the same head. Compiled once per (ReLU mode,
+// streaming) pair, so that the loop tests neither.
+template <class A, relu_mode Relu, bool Stream>
+void normalize_rows(const float* x, float* y, region r, int64_t head, const float* mean,
+                    const float* scale, const float* shift, relu_bits relu_out) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const bool whole = r.cols == r.stride;
+  const int64_t count = whole ? r.rows * r.cols : r.cols;
+  for (int64_t i = 0; i < (whole ? 1 : r.rows); ++i) {
+    const int64_t at = i * r.stride, index = relu_out.index + at;
+    bit_writer bits(Relu == relu_mode::bits ? relu_out.bits : nullptr, index);
+    uint8_t* const body_bytes =  // the mask byte of the first whole vector (relu_mode::bytes)
+        Relu == relu_mode::bytes ? relu_out.bits + (index + head) / 8 : nullptr;
+    walk_rows<A>(count, r.cols, head, [&](int64_t j, int64_t n, int64_t q, auto wrap) {
+      V v = madd(load_n<A>(x + at + j, n) - columns_at<A>(mean, q, r.cols, wrap),
+                 columns_at<A>(scale, q, r.cols, wrap), columns_at<A>(shift, q, r.cols, wrap));
+      if constexpr (Relu != relu_mode::none) {
+        v = relu_vec<A>(v);
+        const uint32_t positive = to_bits<A>(v > V(0.f)) & ((1u << n) - 1u);
+        if (Relu == relu_mode::bits) {
+          bits.push(positive, static_cast<unsigned>(n));
+        } else if (n == W) {  // little-endian: element j in bit 0
+          std::memcpy(body_bytes + static_cast<uint64_t>(j - head) / 8, &positive, W / 8);
+        } else {  // the head or the tail
+          bit_writer part(relu_out.bits, index + j);
+          part.push(positive, static_cast<unsigned>(n));
+          part.finish();
+        }
+      }
+      store_n<A>(y + at + j, v, n, Stream);
+    });
+    bits.finish();
+  }
+  if (Stream) _mm_sfence();
+}
+
+// NHWC: whole rows as one run, column blocks (cols < stride) as one run per
+// row, rows narrower than a vector (C < W) value by value.
 template <class A>
 void normalize_nhwc(const float* x, float* y, region r, const float* mean, const float* scale,
                     const float* shift, relu_bits relu_out, bool stream) {
-  using V = simd::vfloat<A>;
-  constexpr int64_t W = V::size;
+  constexpr int64_t W = simd::vfloat<A>::size;
   const bool relu = relu_out.relu;
-  // Rows of whole vectors (C a multiple of W), all of them aligned if
-  // streamed, and ReLU masks, if any, in whole bytes per vector: one loop
-  // with nothing per row but its start. Short rows paid the per-row work
-  // below (8x64x56x56: 4 vectors a row, inference -19% without it).
-  uint8_t* const mask = relu ? relu_out.bits : nullptr;
-  const bool whole_bytes = !mask || (W % 8 == 0 && relu_out.index % 8 == 0 && r.stride % 8 == 0);
-  if (r.cols % W == 0 && whole_bytes &&
-      (!stream || (simd::is_aligned<A>(y) && r.stride % W == 0))) {
-    auto rows = [&](auto nt, auto with_relu) {
-      for (int64_t i = 0; i < r.rows; ++i) {
-        const float* xr = x + i * r.stride;
-        float* yr = y + i * r.stride;
-        uint8_t* const bytes = mask ? mask + (relu_out.index + i * r.stride) / 8 : nullptr;
-        for (int64_t j = 0; j < r.cols; j += W) {
-          V v = madd(V::load_unaligned(xr + j) - V::load_unaligned(mean + j),
-                     V::load_unaligned(scale + j), V::load_unaligned(shift + j));
-          if (decltype(with_relu)::value) {
-            v = relu_vec<A>(v);
-            if (bytes) {
-              const uint32_t positive = to_bits<A>(v > V(0.f));
-              std::memcpy(bytes + j / 8, &positive, W / 8);  // little-endian: element j in bit 0
-            }
-          }
-          simd::store<A>(yr + j, v, decltype(nt)::value);
-        }
+  if (r.cols < W) {
+    for (int64_t i = 0; i < r.rows; ++i) {
+      const int64_t at = i * r.stride;
+      bit_writer bits(relu ? relu_out.bits : nullptr, relu_out.index + at);
+      for (int64_t j = 0; j < r.cols; ++j) {
+        const float v = madd1<A>(x[at + j] - mean[j], scale[j], shift[j]);
+        y[at + j] = relu ? relu1(v) : v;
+        bits.push(y[at + j] > 0.f, 1);
       }
-    };
-    const std::true_type yes;
-    const std::false_type no;
-    if (stream) {
-      relu ? rows(yes, yes) : rows(yes, no);
-      _mm_sfence();
-    } else {
-      relu ? rows(no, yes) : rows(no, no);
+      bits.finish();
     }
     return;
   }
-  for (int64_t i = 0; i < r.rows; ++i) {
-    const float* xr = x + i * r.stride;
-    float* yr = y + i * r.stride;
-    const bool nt = stream && simd::is_aligned<A>(yr);
-    const int64_t index = relu_out.index + i * r.stride;
-    // A row that starts on a mask byte (C a multiple of 8, as in CNNs) gets
-    // whole bytes per vector, stored directly: no chain from vector to
-    // vector through the bit_writer (with it, 256x1024 took 1.5x as long
-    // with ReLU as without). The rest of the row goes through the writer.
-    uint8_t* const direct =
-        relu && relu_out.bits && W % 8 == 0 && index % 8 == 0 ? relu_out.bits + index / 8 : nullptr;
-    bit_writer bits(relu && !direct ? relu_out.bits : nullptr, index);
-    int64_t j = 0;
-    for (; j + W <= r.cols; j += W) {
-      V v = madd(V::load_unaligned(xr + j) - V::load_unaligned(mean + j),
-                 V::load_unaligned(scale + j), V::load_unaligned(shift + j));
-      if (relu) {
-        v = relu_vec<A>(v);
-        const uint32_t positive = to_bits<A>(v > V(0.f));
-        if (direct)
-          std::memcpy(direct + j / 8, &positive, W / 8);  // little-endian: element j in bit 0
-        else
-          bits.push(positive, W);
-      }
-      simd::store<A>(yr + j, v, nt);
-    }
-    if (direct) bits = bit_writer(relu_out.bits, index + j);
-    for (; j < r.cols; ++j) {
-      const float v = madd1<A>(xr[j] - mean[j], scale[j], shift[j]);
-      yr[j] = relu ? relu1(v) : v;
-      bits.push(yr[j] > 0.f, 1);
-    }
-    bits.finish();
+  const bool mask = relu && relu_out.bits;
+  const bool uniform = uniform_rows<A>(r, mask);
+  for (int64_t i = 0; i < (uniform ? 1 : r.rows); ++i) {
+    const int64_t at = i * r.stride;
+    const region part = uniform ? r : region{1, r.cols, r.stride};
+    const relu_bits out{relu, relu_out.bits, relu_out.index + at};
+    const int64_t count = part.cols == part.stride ? part.rows * part.cols : part.cols;
+    const int64_t head = rows_head<A>(y + at, count, out.index, mask, stream);
+    with_modes(relu_mode_for<A>(relu, out.bits, out.index, head), stream, [&](auto m, auto nt) {
+      normalize_rows<A, decltype(m)::value, decltype(nt)::value>(x + at, y + at, part, head, mean,
+                                                                 scale, shift, out);
+    });
   }
-  if (stream) _mm_sfence();
 }
 
 template <class A>
@@ -1124,7 +1229,7 @@ void backward_apply_nchw(const float* x, const float* dy, float* dx, flat_run f,
   using V = simd::vfloat<A>;
   const float* const coef[4] = {mean, a, b, c};
   channel_walker<A, 4> walk(coef, f);
-  walk_vectors<A>(walk, dx, f.count, stream, [&](int64_t j, int64_t n, const V* k) {
+  walk_vectors<A>(walk, dx, f.count, [&](int64_t j, int64_t n, const V* k) {
     const V g = load_dy<A>(dy + j, n, relu_in, relu_in.index + j);
     const V out = x ? madd(k[1], g, madd(load_n<A>(x + j, n) - k[0], k[2], k[3])) : k[1] * g;
     store_n<A>(dx + j, out, n, stream);
@@ -1132,57 +1237,56 @@ void backward_apply_nchw(const float* x, const float* dy, float* dx, flat_run f,
   if (stream) _mm_sfence();
 }
 
-template <class A>
-void backward_apply_nhwc(const float* x, const float* dy, float* dx, region r, const float* mean,
-                         const float* a, const float* b, const float* c, relu_bits_in relu_in,
-                         bool stream) {
+// dx for NHWC rows, as normalize_rows.
+template <class A, relu_mode Relu, bool Stream>
+void apply_rows(const float* x, const float* dy, float* dx, region r, int64_t head,
+                const float* mean, const float* a, const float* b, const float* c,
+                relu_bits_in relu_in) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const V zero(0.f);
-  // Rows of whole vectors (C a multiple of W) with a ReLU mask in whole
-  // bytes per vector, or streamed to aligned rows: one loop with nothing per
-  // row but its start, the mask's bytes loaded directly (as normalize_nhwc).
-  const bool whole_bytes = !relu_in.bits || (W % 8 == 0 && relu_in.index % 8 == 0 && r.stride % 8 == 0);
-  if ((relu_in.bits || stream) && r.cols % W == 0 && whole_bytes &&
-      (!stream || (simd::is_aligned<A>(dx) && r.stride % W == 0))) {
-    auto rows = [&](auto nt, auto with_mask) {
-      for (int64_t i = 0; i < r.rows; ++i) {
-        const int64_t at = i * r.stride;
-        for (int64_t j = 0; j < r.cols; j += W) {
-          V g = V::load_unaligned(dy + at + j);
-          if (decltype(with_mask)::value) {
-            uint32_t bits = 0;
-            std::memcpy(&bits, relu_in.bits + (relu_in.index + at + j) / 8, W / 8);
-            g = xsimd::select(from_bits<A>(bits), g, zero);
-          }
-          const V rest = x ? madd(V::load_unaligned(x + at + j) - V::load_unaligned(mean + j),
-                                  V::load_unaligned(b + j), V::load_unaligned(c + j))
-                           : zero;
-          simd::store<A>(dx + at + j, madd(V::load_unaligned(a + j), g, rest), decltype(nt)::value);
-        }
+  const bool whole = r.cols == r.stride;
+  const int64_t count = whole ? r.rows * r.cols : r.cols;
+  for (int64_t i = 0; i < (whole ? 1 : r.rows); ++i) {
+    const int64_t at = i * r.stride, index = relu_in.index + at;
+    const uint8_t* const body_bytes =  // as normalize_rows
+        Relu == relu_mode::bytes ? relu_in.bits + (index + head) / 8 : nullptr;
+    walk_rows<A>(count, r.cols, head, [&](int64_t j, int64_t n, int64_t q, auto wrap) {
+      V g = load_n<A>(dy + at + j, n);
+      if constexpr (Relu != relu_mode::none) {
+        uint32_t bits = 0;
+        if (Relu == relu_mode::bytes && n == W)
+          std::memcpy(&bits, body_bytes + static_cast<uint64_t>(j - head) / 8, W / 8);
+        else
+          bits = load_bits(relu_in.bits, index + j, static_cast<int>(n));
+        g = xsimd::select(from_bits<A>(bits), g, zero);
       }
-    };
-    const std::true_type yes;
-    const std::false_type no;
-    if (stream) {
-      relu_in.bits ? rows(yes, yes) : rows(yes, no);
-      _mm_sfence();
-    } else {
-      rows(no, yes);
-    }
-    return;
+      const V rest = x ? madd(load_n<A>(x + at + j, n) - columns_at<A>(mean, q, r.cols, wrap),
+                              columns_at<A>(b, q, r.cols, wrap), columns_at<A>(c, q, r.cols, wrap))
+                       : zero;
+      store_n<A>(dx + at + j, madd(columns_at<A>(a, q, r.cols, wrap), g, rest), n, Stream);
+    });
   }
+  if (Stream) _mm_sfence();
+}
+
+// With ordinary stores, no ReLU mask and batch statistics, rows of whole
+// vectors go two rows at a time: each vector of the four coefficients
+// loaded once for both rows. bnorm_ab: 32x512x7x7 -8%, 256x1024 -4..-8%,
+// 1x256x56x56 -10%, 128x512x7x7 and 8x512x28x28 -1%. (The same in the
+// normalize measured -20% at 32x2048x7x7 but +36..+59% at 128x512x7x7, and
+// with streaming stores +22..+31%: not used there.) Rows in pairs keep
+// their loads on vector boundaries only when the buffers are aligned, so
+// other buffers take walk_rows.
+template <class A>
+void apply_row_pairs(const float* x, const float* dy, float* dx, region r, const float* mean,
+                     const float* a, const float* b, const float* c) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
   int64_t i = 0;
-  // With ordinary stores, no ReLU mask and batch statistics, two rows at a
-  // time: each vector of the four coefficients loaded once for both rows.
-  // bnorm_ab: 32x512x7x7 -8%, 256x1024 -4..-8%, 1x256x56x56 -10%,
-  // 128x512x7x7 and 8x512x28x28 -1%. (The same in normalize_nhwc measured
-  // -20% at 32x2048x7x7 but +36..+59% at 128x512x7x7, and with streaming
-  // stores +22..+31%: not used there.)
-  for (; x && !relu_in.bits && !stream && i + 2 <= r.rows; i += 2) {
+  for (; i + 2 <= r.rows; i += 2) {
     const int64_t at0 = i * r.stride, at1 = at0 + r.stride;
-    int64_t j = 0;
-    for (; j + W <= r.cols; j += W) {
+    for (int64_t j = 0; j < r.cols; j += W) {
       const V m = V::load_unaligned(mean + j), va = V::load_unaligned(a + j),
               vb = V::load_unaligned(b + j), vc = V::load_unaligned(c + j);
       const V rest0 = madd(V::load_unaligned(x + at0 + j) - m, vb, vc);
@@ -1190,31 +1294,46 @@ void backward_apply_nhwc(const float* x, const float* dy, float* dx, region r, c
       madd(va, V::load_unaligned(dy + at0 + j), rest0).store_unaligned(dx + at0 + j);
       madd(va, V::load_unaligned(dy + at1 + j), rest1).store_unaligned(dx + at1 + j);
     }
-    for (; j < r.cols; ++j) {
-      dx[at0 + j] = madd1<A>(a[j], dy[at0 + j], madd1<A>(x[at0 + j] - mean[j], b[j], c[j]));
-      dx[at1 + j] = madd1<A>(a[j], dy[at1 + j], madd1<A>(x[at1 + j] - mean[j], b[j], c[j]));
-    }
   }
-  for (; i < r.rows; ++i) {
+  if (i < r.rows)
+    apply_rows<A, relu_mode::none, false>(x + i * r.stride, dy + i * r.stride, dx + i * r.stride,
+                                          {1, r.cols, r.cols}, 0, mean, a, b, c, {nullptr, 0});
+}
+
+// NHWC: as normalize_nhwc.
+template <class A>
+void backward_apply_nhwc(const float* x, const float* dy, float* dx, region r, const float* mean,
+                         const float* a, const float* b, const float* c, relu_bits_in relu_in,
+                         bool stream) {
+  constexpr int64_t W = simd::vfloat<A>::size;
+  if (r.cols < W) {
+    for (int64_t i = 0; i < r.rows; ++i) {
+      const int64_t at = i * r.stride;
+      for (int64_t j = 0; j < r.cols; ++j) {
+        const float g = masked1(dy + at, j, relu_in.bits, relu_in.index + at + j);
+        const float rest = x ? madd1<A>(x[at + j] - mean[j], b[j], c[j]) : 0.f;
+        dx[at + j] = madd1<A>(a[j], g, rest);
+      }
+    }
+    return;
+  }
+  const bool mask = relu_in.bits != nullptr;
+  const bool uniform = uniform_rows<A>(r, mask);
+  for (int64_t i = 0; i < (uniform ? 1 : r.rows); ++i) {
     const int64_t at = i * r.stride;
-    const bool nt = stream && simd::is_aligned<A>(dx + at);
-    int64_t j = 0;
-    for (; j + W <= r.cols; j += W) {
-      V g = V::load_unaligned(dy + at + j);
-      if (relu_in.bits)
-        g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, relu_in.index + at + j, W)), g, zero);
-      const V rest = x ? madd(V::load_unaligned(x + at + j) - V::load_unaligned(mean + j),
-                              V::load_unaligned(b + j), V::load_unaligned(c + j))
-                       : zero;
-      simd::store<A>(dx + at + j, madd(V::load_unaligned(a + j), g, rest), nt);
+    const region part = uniform ? r : region{1, r.cols, r.stride};
+    const relu_bits_in in{relu_in.bits, relu_in.index + at};
+    const int64_t count = part.cols == part.stride ? part.rows * part.cols : part.cols;
+    const int64_t head = rows_head<A>(dx + at, count, in.index, mask, stream);
+    if (x && !mask && !stream && head == 0 && part.cols == part.stride && part.cols % W == 0) {
+      apply_row_pairs<A>(x + at, dy + at, dx + at, part, mean, a, b, c);
+      return;
     }
-    for (; j < r.cols; ++j) {
-      const float g = masked1(dy + at, j, relu_in.bits, relu_in.index + at + j);
-      const float rest = x ? madd1<A>(x[at + j] - mean[j], b[j], c[j]) : 0.f;
-      dx[at + j] = madd1<A>(a[j], g, rest);
-    }
+    with_modes(relu_mode_for<A>(mask, in.bits, in.index, head), stream, [&](auto m, auto nt) {
+      apply_rows<A, decltype(m)::value, decltype(nt)::value>(x ? x + at : nullptr, dy + at, dx + at,
+                                                             part, head, mean, a, b, c, in);
+    });
   }
-  if (stream) _mm_sfence();
 }
 
 }  // namespace kernels_for

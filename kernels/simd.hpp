@@ -117,6 +117,23 @@ inline void store_first(float* p, vfloat<A> v, int64_t n) {
   }
 }
 
+// Lanes [0, k) from p, lanes [k, W) from first[0], first[1], ... (0 < k <
+// W): a vector of per-column values that runs past the last column of a row
+// (p + k) into the first ones (first; at least W - k of them).
+template <class A>
+inline vfloat<A> load_wrapped(const float* p, int64_t k, const float* first) {
+  if constexpr (is_avx512<A>) {
+    const auto low = static_cast<__mmask16>((1u << k) - 1u);
+    return _mm512_mask_expandloadu_ps(_mm512_maskz_loadu_ps(low, p), static_cast<__mmask16>(~low),
+                                      first);
+  } else {
+    alignas(64) float buffer[vfloat<A>::size];
+    for (int64_t i = 0; i < k; ++i) buffer[i] = p[i];
+    for (int64_t i = k; i < vfloat<A>::size; ++i) buffer[i] = first[i - k];
+    return vfloat<A>::load_aligned(buffer);
+  }
+}
+
 // v in the first n lanes, 0 in the others.
 template <class A>
 inline vfloat<A> keep_first(vfloat<A> v, int64_t n) {
