@@ -13,7 +13,9 @@
 // of time / copy per library. (The best call, which it timed before session
 // 8, hid a bimodal cost: small NHWC tensors whose threads split rows took
 // 13 us at best and 35 us in the median call, 1x1024x14x14 inference.)
-// Buffers are page aligned, as the benchmark's.
+// Buffers are page aligned, as the benchmark's; --offset=BYTES (a multiple
+// of 4 below 4096) puts x, y, dy and dx that many bytes past a page boundary
+// instead (16: where glibc's malloc puts large blocks).
 //
 // Operations: fwd_training, fwd_training_relu, fwd_inference, backward,
 // backward_relu (mask from the first library's ReLU forward), moments
@@ -83,22 +85,34 @@ double mean_seconds(F f, int calls) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / calls;
 }
 
-float* buffer(size_t floats) {
-  const size_t bytes = (floats * sizeof(float) + 4095) / 4096 * 4096;
+float* buffer(size_t floats, size_t offset_bytes = 0) {
+  const size_t bytes = (floats * sizeof(float) + offset_bytes + 4095) / 4096 * 4096;
   auto* p = static_cast<float*>(std::aligned_alloc(4096, bytes));
   if (!p) {
     std::fprintf(stderr, "bnorm_ab: out of memory\n");
     std::exit(1);
   }
-  return p;
+  return p + offset_bytes / sizeof(float);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  size_t offset = 0;
+  if (argc > 1 && std::strncmp(argv[1], "--offset=", 9) == 0) {
+    const long v = std::atol(argv[1] + 9);
+    if (v < 0 || v >= 4096 || v % 4 != 0) {
+      std::fprintf(stderr, "bnorm_ab: --offset takes a multiple of 4 below 4096\n");
+      return 2;
+    }
+    offset = static_cast<size_t>(v);
+    argv[1] = argv[0];
+    ++argv;
+    --argc;
+  }
   if (argc < 5) {
     std::fprintf(stderr,
-                 "usage: %s LIB [LIB...] PROBLEM nchw|nhwc "
+                 "usage: %s [--offset=BYTES] LIB [LIB...] PROBLEM nchw|nhwc "
                  "fwd_training|fwd_training_relu|fwd_inference|backward|backward_relu|backward_reduce|"
                  "backward_apply|moments\n",
                  argv[0]);
@@ -133,10 +147,10 @@ int main(int argc, char** argv) {
   const int64_t total = n * c * spatial;
   const bool backward = op.compare(0, 8, "backward") == 0;
   const size_t copy_bytes = static_cast<size_t>(total) * sizeof(float) * (backward ? 3 : 2) / 2;
-  float* x = buffer(total);
-  float* y = buffer(total);
-  float* dy = buffer(total);
-  float* dx = buffer(total);
+  float* x = buffer(total, offset);
+  float* y = buffer(total, offset);
+  float* dy = buffer(total, offset);
+  float* dx = buffer(total, offset);
   float* copy_src = buffer(copy_bytes / sizeof(float) + 16);
   float* copy_dst = buffer(copy_bytes / sizeof(float) + 16);
   for (int64_t i = 0; i < total; ++i) {
@@ -209,9 +223,9 @@ int main(int argc, char** argv) {
       copy_seconds.push_back(copy_s);
     }
   std::sort(copy_seconds.begin(), copy_seconds.end());
-  std::printf("%s %s %s, %d threads, mean time / best copy (median [min-max] of %d rounds), median time "
-              "(copy: %.1f us median, %.1f GB/s):\n",
-              argv[argc - 3], layout_name.c_str(), op.c_str(), omp_get_max_threads(), kRounds,
+  std::printf("%s %s %s, %d threads, buffers %zu bytes past a page, mean time / best copy (median "
+              "[min-max] of %d rounds), median time (copy: %.1f us median, %.1f GB/s):\n",
+              argv[argc - 3], layout_name.c_str(), op.c_str(), omp_get_max_threads(), offset, kRounds,
               1e6 * copy_seconds[copy_seconds.size() / 2],
               2 * copy_bytes / copy_seconds[copy_seconds.size() / 2] * 1e-9);
   for (size_t k = 0; k < libs.size(); ++k) {

@@ -438,6 +438,9 @@ def write_markdown(res, path, images, img_rel):
          "before each row" % ctx.get("copy_isa", "?")),
         ("Allocator", "LD_PRELOAD=%s, MALLOC_CONF=%s" % (ctx.get("ld_preload", "?"),
                                                          ctx.get("malloc_conf", "?"))),
+        ("Buffers", "x, dy and y (every implementation's) "
+         + ("page aligned" if ctx.get("buffer_offset", "0") == "0"
+            else "%s bytes past a page boundary (--buffer_offset)" % ctx["buffer_offset"])),
         ("Run", "%s, suite %s, min time %s s per row; before the run: CPUs %s busy, "
          "load average %s" % (ctx.get("date", "?"), ctx.get("suite", "?"),
                               ctx.get("min_time_s", "?"), ctx.get("busy_before", "?"),

@@ -87,9 +87,13 @@ size_t copy_bytes(op_kind k, size_t s) {
 
 namespace {
 size_t arena_capacity = 0;
+size_t arena_offset = 0;  // bytes
 }  // namespace
 
 void arena::set_capacity(size_t max_tensor_bytes) { arena_capacity = max_tensor_bytes; }
+
+void arena::set_offset(size_t bytes) { arena_offset = bytes; }
+size_t arena::offset() { return arena_offset; }
 
 arena& arena::get() {
   static arena a;
@@ -98,10 +102,12 @@ arena& arena::get() {
 }
 
 namespace {
-// 2 MiB granularity keeps every buffer 64-byte aligned and page aligned.
+// 2 MiB granularity keeps every buffer 64-byte aligned and page aligned
+// (unless set_offset moves them; then with a page to spare).
 constexpr size_t kGranule = size_t{2} << 20;
 size_t stride_bytes_for(size_t max_tensor_bytes) {
-  return (max_tensor_bytes + kGranule - 1) / kGranule * kGranule;
+  const size_t bytes = max_tensor_bytes + (arena_offset ? 4096 : 0);
+  return (bytes + kGranule - 1) / kGranule * kGranule;
 }
 }  // namespace
 
@@ -119,6 +125,7 @@ void arena::allocate(size_t max_tensor_bytes) {
   mask_ = static_cast<uint8_t*>(std::aligned_alloc(64, (mask_bytes + 63) / 64 * 64));
   if (base_ == nullptr || mask_ == nullptr) throw std::bad_alloc();
   stride_ = stride_bytes / sizeof(float);
+  offset_ = arena_offset / sizeof(float);
 
   // Values in [-2, 2) from a hash of the index: no denormals, about half
   // negative (the ReLU mask is mixed), different in x and dy. Filled in

@@ -61,12 +61,16 @@ class arena {
   // Sets the largest tensor; the buffers are allocated and filled on the
   // first get() after it, so listing or filtering rows stays instant.
   static void set_capacity(size_t max_tensor_bytes);
+  // Puts x, dy and y (not the copy's buffers) this many bytes (a multiple of
+  // 4 below 4096) past a page boundary; 0 by default. Call before get().
+  static void set_offset(size_t bytes);
+  static size_t offset();
   static arena& get();
   // Bytes the copy source and destination each span for that capacity.
   static size_t copy_span_bytes(size_t max_tensor_bytes);
-  float* x() const { return base_; }
-  float* dy() const { return base_ + stride_; }
-  float* y() const { return base_ + 2 * stride_; }
+  float* x() const { return base_ + offset_; }
+  float* dy() const { return base_ + stride_ + offset_; }
+  float* y() const { return base_ + 2 * stride_ + offset_; }
   uint8_t* relu_mask() const { return mask_; }
   const float* copy_src() const { return base_; }
   float* copy_dst() const { return base_ + 2 * stride_; }
@@ -75,6 +79,7 @@ class arena {
   void allocate(size_t max_tensor_bytes);
   float* base_ = nullptr;
   size_t stride_ = 0;  // floats between x, dy and y
+  size_t offset_ = 0;  // floats
   uint8_t* mask_ = nullptr;
 };
 
