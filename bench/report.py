@@ -473,7 +473,7 @@ def write_markdown(res, path, images, img_rel):
     w("```sh")
     w("cmake -S . -B build && cmake --build build -j2 --target bnorm_bench")
     passes = max(2, len(ctx.get("best_of_passes", "").split()))
-    w("bench/run_bench.sh --passes %d%s --out build/bench.json   # --quick: 3 problems"
+    w("bench/run_bench.sh --passes %d --out build/bench.json%s   # --quick: 3 problems"
       % (passes, "" if offset == "0" else " --buffer_offset=" + offset))
     w("python3 bench/report.py build/bench.json       # this file and docs/img/")
     w("```")

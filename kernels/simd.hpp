@@ -129,7 +129,7 @@ inline vfloat<A> load_wrapped(const float* p, int64_t k, const float* first) {
   } else {
     alignas(64) float buffer[vfloat<A>::size];
     for (int64_t i = 0; i < k; ++i) buffer[i] = p[i];
-    for (int64_t i = k; i < vfloat<A>::size; ++i) buffer[i] = first[i - k];
+    for (int64_t i = k; i < static_cast<int64_t>(vfloat<A>::size); ++i) buffer[i] = first[i - k];
     return vfloat<A>::load_aligned(buffer);
   }
 }
