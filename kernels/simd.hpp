@@ -81,11 +81,6 @@ inline void store(float* p, vfloat<A> v, bool stream) {
   }
 }
 
-template <class A>
-inline bool is_aligned(const float* p) {
-  return reinterpret_cast<uintptr_t>(p) % sizeof(vfloat<A>) == 0;
-}
-
 // The first n < W lanes: loaded from p (reading only those n floats),
 // stored to p, or selected. For tails of rows, so that a row of 49 floats
 // costs four AVX-512 iterations and no scalar loop.
