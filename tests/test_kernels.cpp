@@ -117,9 +117,13 @@ TEST_P(Layouts, TwoDimensionalInput) {
 // one group in the backward sums), 256-511 channels (the backward sums in memory order, and the
 // moments too beyond the cache: the small_cache run), rows from 512 channels on (the moments
 // in memory order), and neighbours; with and without ReLU. 600 rows of 256 channels: 0.6 MB.
+// 1200 and 2100 channels: rows whose coefficients and data exceed a 32 KiB L1d, which the
+// elementwise passes take in column blocks of 1024 channels (the backward's from 1171 channels
+// on, the normalize's from 1639), the last block narrower.
 TEST_P(Layouts, ChannelCountsOfKernelForms) {
   int k = 0;
-  for (int64_t c : {int64_t(128), int64_t(130), int64_t(256), int64_t(512), int64_t(1040)})
+  for (int64_t c : {int64_t(128), int64_t(130), int64_t(256), int64_t(512), int64_t(1040),
+                    int64_t(1200), int64_t(2100)})
     for (bool relu : {false, true}) {
       ++k;
       BnormTester()
