@@ -650,7 +650,7 @@ void nhwc_item_sums(const kernel_table& k, const plan& p, const float* x, const 
   for (int64_t ch = slice_begin(p, it.slice); ch < slice_begin(p, it.slice + 1); ++ch) {
     region r;
     const int64_t at = nhwc_part(p, it, ch, &r);
-    k.backward_reduce_nhwc(x + at, dy + at, r, mean + it.c0, {mask, at}, chunk + it.c0,
+    k.backward_reduce_nhwc(x + at, dy + at, r, mean + it.c0, {mask, at}, far(p), chunk + it.c0,
                            chunk + p.c + it.c0);
     for (int64_t j = it.c0; j < it.c1; ++j) {
       acc[j].dy += chunk[j];

@@ -99,8 +99,10 @@ struct kernel_table {
   void (*backward_reduce_nchw_group)(const float* x, const float* dy, region r, int64_t channels,
                                      int64_t channel_stride, const float* mean, relu_bits_in relu,
                                      double* sum_dy, double* sum_dy_xmu);
+  // far: x and dy do not fit in the cache (where the rows' sums are placed
+  // differs, see row_sums; the results do not).
   void (*backward_reduce_nhwc)(const float* x, const float* dy, region r, const float* mean,
-                               relu_bits_in relu, double* sum_dy, double* sum_dy_xmu);
+                               relu_bits_in relu, bool far, double* sum_dy, double* sum_dy_xmu);
 
   // invstd[j] = 1 / sqrt(double(var[j]) + eps) for j < n: the backward
   // coefficients' square root and division, a vector of channels at a time

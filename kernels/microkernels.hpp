@@ -441,6 +441,35 @@ constexpr int64_t kStreamBlock = 512;
 // (backward_reduce_rows).
 constexpr int64_t kOneRowFrom = 256;
 
+// The backward sums of rows in memory order (backward_reduce_rows) keep
+// per-channel sums in L1 while the rows stream past, and store them on
+// every row. A load whose address shares its low 12 bits with an older
+// store still in flight waits for that store ("4K aliasing"), so where the
+// sums lie relative to the rows matters. Beyond the cache, with the sums
+// wherever the stack had put them, the NHWC backward sums of 32x512x28x28
+// took 1.4 times as long as a bare loop of the same operations with its
+// sums elsewhere (session 13); there the sum of column j now sits at the
+// offset within a 4 KiB page of the rows' column j (rounded down to a line):
+// a load meets only the sum of its own column, stored a row or more
+// before, and the arrays of n floats follow each other, so that rows of 2
+// KiB (C = 512) meet the second as the first. In cache that placement, and
+// the others tried, took 3-14% more time than arrays on the stack, which
+// stay there.
+template <int Arrays>
+class row_sums {
+ public:
+  // column: the rows' first column; n <= kStreamBlock floats per array.
+  row_sums(const float* column, int64_t n)
+      : base_(buf_ + reinterpret_cast<uintptr_t>(column) % 4096 / 64 * 16), n_(n) {}
+  row_sums(const row_sums&) = delete;  // base_ points into buf_
+  float* operator[](int k) { return base_ + k * n_; }
+
+ private:
+  alignas(4096) float buf_[1024 + Arrays * kStreamBlock];
+  float* base_;
+  int64_t n_;
+};
+
 // Calls add(i, j, u) for the vectors at columns j (a multiple of W in
 // [c0, c1)) of rows i..i+u-1, u <= U, in row order for every j.
 template <class A, int U = 4, class Add>
@@ -1143,12 +1172,12 @@ void backward_reduce_columns(const float* x, const float* dy, region r, int64_t 
 // sums measured +2..+5% (session 13).
 
 template <class A, bool Relu>
-void backward_reduce_rows(const float* x, const float* dy, region r, const float* mean,
-                          relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu) {
+__attribute__((always_inline)) inline void backward_reduce_rows_into(
+    const float* x, const float* dy, region r, const float* mean, relu_bits_in relu_in, float* a0,
+    float* a1, double* sum_dy, double* sum_dy_xmu) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const V zero(0.f);
-  alignas(64) float a0[kStreamBlock], a1[kStreamBlock];
   for (int64_t j = 0; j < r.cols; j += W) {
     zero.store_aligned(a0 + j);
     zero.store_aligned(a1 + j);
@@ -1165,15 +1194,32 @@ void backward_reduce_rows(const float* x, const float* dy, region r, const float
   backward_sums_out<A>(x, dy, r, 0, r.cols, mean, relu_in, a0, a1, sum_dy, sum_dy_xmu);
 }
 
+// The sums in arrays on the stack (in cache) or placed by row_sums (Far):
+// NHWC backward beyond the L3 (bnorm_ab) 32x256x56x56 -17..-31%,
+// 65536x256 -16..-22%, 32x512x28x28 -12..-17%, 8x256x56x56 -14..-20%.
+template <class A, bool Relu, bool Far>
+void backward_reduce_rows(const float* x, const float* dy, region r, const float* mean,
+                          relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu) {
+  if constexpr (Far) {
+    row_sums<2> sums(x, r.cols);
+    backward_reduce_rows_into<A, Relu>(x, dy, r, mean, relu_in, sums[0], sums[1], sum_dy,
+                                       sum_dy_xmu);
+  } else {
+    alignas(64) float a0[kStreamBlock], a1[kStreamBlock];
+    backward_reduce_rows_into<A, Relu>(x, dy, r, mean, relu_in, a0, a1, sum_dy, sum_dy_xmu);
+  }
+}
+
 template <class A>
 void backward_reduce_nhwc(const float* x, const float* dy, region r, const float* mean,
-                          relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu) {
+                          relu_bits_in relu_in, bool far, double* sum_dy, double* sum_dy_xmu) {
   constexpr int64_t W = simd::vfloat<A>::size;
   if (r.stride >= kOneRowFrom && r.stride <= kStreamBlock && r.cols % W == 0) {
-    if (relu_in.bits)
-      backward_reduce_rows<A, true>(x, dy, r, mean, relu_in, sum_dy, sum_dy_xmu);
-    else
-      backward_reduce_rows<A, false>(x, dy, r, mean, relu_in, sum_dy, sum_dy_xmu);
+    auto rows = relu_in.bits ? (far ? backward_reduce_rows<A, true, true>
+                                    : backward_reduce_rows<A, true, false>)
+                             : (far ? backward_reduce_rows<A, false, true>
+                                    : backward_reduce_rows<A, false, false>);
+    rows(x, dy, r, mean, relu_in, sum_dy, sum_dy_xmu);
     return;
   }
   // Wider rows in memory order four at a time, as moments_nhwc does, measured
