@@ -269,30 +269,27 @@ int64_t cache_bytes() {
   return bytes;
 }
 
-// One core's L2.
+// One core's cache of `level` (1: the data cache): sysfs, else sysconf's
+// `name`, else `fallback` bytes.
+int64_t core_cache_bytes(int level, int name, int64_t fallback) {
+  const int64_t sysfs = sysfs_cache_bytes(level);
+  if (sysfs > 0) return sysfs;
+  const long bytes = sysconf(name);
+  return bytes > 0 ? static_cast<int64_t>(bytes) : fallback;
+}
+
 int64_t l2_bytes() {
-  static const int64_t bytes = [] {
-    const int64_t sysfs = sysfs_cache_bytes(2);
-    if (sysfs > 0) return sysfs;
-    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return static_cast<int64_t>(l2 > 0 ? l2 : 256 * 1024);
-  }();
+  static const int64_t bytes = core_cache_bytes(2, _SC_LEVEL2_CACHE_SIZE, 256 * 1024);
+  return bytes;
+}
+
+int64_t l1_bytes() {
+  static const int64_t bytes = core_cache_bytes(1, _SC_LEVEL1_DCACHE_SIZE, 32 * 1024);
   return bytes;
 }
 
 // Floats in a 4 KiB page.
 constexpr int64_t kPageFloats = 1024;
-
-// One core's L1 data cache.
-int64_t l1_bytes() {
-  static const int64_t bytes = [] {
-    const int64_t sysfs = sysfs_cache_bytes(1);
-    if (sysfs > 0) return sysfs;
-    const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-    return static_cast<int64_t>(l1 > 0 ? l1 : 32 * 1024);
-  }();
-  return bytes;
-}
 
 // Non-temporal stores pay off only when the data cannot stay in cache:
 // then they skip the read-for-ownership of every output line and leave the
