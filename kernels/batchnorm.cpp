@@ -526,10 +526,11 @@ int64_t l1_columns(int64_t c, int arrays) {
 }
 
 // Calls part(at, region, c0) for region r (from index at, first column
-// channel c0) whole, or for its column blocks of `block` channels.
+// channel c0) whole, or, when it is whole rows, for its column blocks of
+// `block` channels (0: none).
 template <class Part>
-void in_column_blocks(int64_t at, region r, int64_t c0, int64_t block, bool stream, Part part) {
-  if (block == 0 || stream || r.cols != r.stride || r.cols <= block) return part(at, r, c0);
+void in_column_blocks(int64_t at, region r, int64_t c0, int64_t block, Part part) {
+  if (block == 0 || r.cols != r.stride || r.cols <= block) return part(at, r, c0);
   for (int64_t j = 0; j < r.cols; j += block)
     part(at + j, region{r.rows, std::min(block, r.cols - j), r.stride}, c0 + j);
 }
@@ -537,16 +538,16 @@ void in_column_blocks(int64_t at, region r, int64_t c0, int64_t block, bool stre
 // NHWC: the region r from index at, whose first column is channel c0.
 void normalize_part(const kernel_table& k, const normalize_args& a, int64_t at, region r,
                     int64_t c0) {
-  const int64_t block = l1_columns(r.stride, 2 + kNormalizeScratch);
-  in_column_blocks(at, r, c0, block, a.stream, [&](int64_t at, region r, int64_t c0) {
+  const int64_t block = a.stream ? 0 : l1_columns(r.stride, 2 + kNormalizeScratch);
+  in_column_blocks(at, r, c0, block, [&](int64_t at, region r, int64_t c0) {
     k.normalize_nhwc(a.x + at, a.y + at, r, a.mean + c0, a.scale + c0, a.shift + c0,
                      {a.relu, a.mask, at}, a.stream);
   });
 }
 
 void apply_part(const kernel_table& k, const apply_args& a, int64_t at, region r, int64_t c0) {
-  const int64_t block = l1_columns(r.stride, 3 + kApplyScratch);
-  in_column_blocks(at, r, c0, block, a.stream, [&](int64_t at, region r, int64_t c0) {
+  const int64_t block = a.stream ? 0 : l1_columns(r.stride, 3 + kApplyScratch);
+  in_column_blocks(at, r, c0, block, [&](int64_t at, region r, int64_t c0) {
     k.backward_apply_nhwc(a.x ? a.x + at : nullptr, a.dy + at, a.dx + at, r, a.mean + c0,
                           a.a + c0, a.b + c0, a.c + c0, {a.mask, at}, a.stream);
   });

@@ -793,7 +793,9 @@ void normalize_nchw(const float* x, float* y, flat_run f, const float* mean, con
 // tensors whose buffers share that offset. The per-column coefficients are
 // re-read from L1 for every row (blocks of 512 channels down a chunk's rows,
 // to keep the coefficients of C >= 1024 in L1, measured slower: 4096x1024
-// inference 2.6 -> 5.5, 32x2048x49 +14%).
+// inference 2.6 -> 5.5, 32x2048x49 +14%); only rows whose coefficients and
+// data overflow L1 go in blocks of whole pages, in cache (l1_columns in
+// batchnorm.cpp).
 //
 // Calls step(j, n, q, wrap) for the values [j, j + n), n <= W, in order: q
 // the column of value j (C >= W columns), wrap (std::true_type) when the
@@ -1118,8 +1120,8 @@ void backward_sums_out(const float* x, const float* dy, region r, int64_t j0, in
 
 // Compiled with and without the ReLU mask: with the test in the loop, GCC
 // 12 kept Q = 4's accumulators in memory, a store and a load on every add's
-// dependency chain, and the NHWC sums of 64-512 channels in cache took up to
-// twice as long as the NCHW ones.
+// dependency chain, and the NHWC sums of 64 and 128 channels in cache took
+// up to twice as long as the NCHW ones.
 template <class A, int Q, bool Relu>
 void backward_reduce_columns(const float* x, const float* dy, region r, int64_t j0,
                              const float* mean, relu_bits_in relu_in, double* sum_dy,
