@@ -17,10 +17,11 @@
 // of 4 below 4096) puts x, y, dy and dx that many bytes past a page boundary
 // instead (16: where glibc's malloc puts large blocks).
 //
-// Operations: fwd_training, fwd_training_relu, fwd_inference, backward,
-// backward_relu (mask from the first library's ReLU forward), moments
-// (bnorm_moments alone), backward_reduce and backward_apply (the two
-// halves of backward, each compared with the copy of backward's traffic).
+// Operations: fwd_training, fwd_training_relu, fwd_inference,
+// fwd_inference_relu, backward, backward_relu (mask from the first
+// library's ReLU forward), moments (bnorm_moments alone), backward_reduce
+// and backward_apply (the two halves of backward, each compared with the
+// copy of backward's traffic).
 // A LIB named `read` is no library: it reads x (and for the backward
 // operations dy) once, for the reading speed of the same run.
 #include <dlfcn.h>
@@ -113,7 +114,8 @@ int main(int argc, char** argv) {
   if (argc < 5) {
     std::fprintf(stderr,
                  "usage: %s [--offset=BYTES] LIB [LIB...] PROBLEM nchw|nhwc "
-                 "fwd_training|fwd_training_relu|fwd_inference|backward|backward_relu|backward_reduce|"
+                 "fwd_training|fwd_training_relu|fwd_inference|fwd_inference_relu|backward|"
+                 "backward_relu|backward_reduce|"
                  "backward_apply|moments\n",
                  argv[0]);
     return 2;
@@ -172,8 +174,9 @@ int main(int argc, char** argv) {
       if (backward) sink = bnorm_bench::read_sum(dy, static_cast<size_t>(total) * sizeof(float));
       (void)sink;
     } else if (op == "moments") s = l.moments(&shape, x, dmean.data(), m2.data());
-    else if (op == "fwd_inference")
-      s = l.inference(&shape, 1e-5f, 0, x, gamma.data(), beta.data(), mean.data(), var.data(), y);
+    else if (op == "fwd_inference" || op == "fwd_inference_relu")
+      s = l.inference(&shape, 1e-5f, op == "fwd_inference" ? 0u : unsigned(BNORM_FUSE_RELU), x,
+                      gamma.data(), beta.data(), mean.data(), var.data(), y);
     else if (op == "fwd_training" || op == "fwd_training_relu")
       s = l.training(&shape, 1e-5f, op == "fwd_training" ? 0u : unsigned(BNORM_FUSE_RELU), x,
                      gamma.data(), beta.data(), y, mean.data(), var.data(), mask.data());

@@ -623,6 +623,107 @@ int64_t head_to_align(const float* y, int64_t cols) {
   return std::min(head, cols);
 }
 
+// The head of a walk (walk_vectors, walk_rows): to the output's next vector
+// boundary when streaming (streaming stores must be aligned), without a
+// mask, or when that keeps the mask in whole bytes per vector; else, in
+// cache, to the next whole mask byte (the stores then cross vector
+// boundaries, which in cache costs less than the mask bit by bit).
+template <class A>
+int64_t walk_head(const float* out, int64_t count, int64_t mask_index, bool mask, bool stream) {
+  const int64_t head = head_to_align<A>(out, count);
+  if (stream || !mask || (mask_index + head) % 8 == 0 || simd::vfloat<A>::size % 8 != 0)
+    return head;
+  return std::min((8 - mask_index % 8) % 8, count);
+}
+
+// The mask bits of whole vectors go straight to their bytes when every
+// vector starts on a byte (no chain from vector to vector through the
+// bit_writer: with it, 256x1024 took 1.5x as long with ReLU as without);
+// the head, the tail and other runs go through a bit_writer.
+template <class A>
+bool whole_mask_bytes(int64_t mask_index, int64_t head) {
+  return simd::vfloat<A>::size % 8 == 0 && (mask_index + head) % 8 == 0;
+}
+
+// How a walk treats ReLU: none; clamp without a mask (inference); the mask
+// bit by bit (bit_writer, load_bits); whole vectors' bits straight to or
+// from their bytes.
+enum class relu_mode { none, clamp, bits, bytes };
+
+template <class A>
+relu_mode relu_mode_for(bool relu, const uint8_t* mask, int64_t mask_index, int64_t head) {
+  if (!relu) return relu_mode::none;
+  if (!mask) return relu_mode::clamp;
+  return whole_mask_bytes<A>(mask_index, head) ? relu_mode::bytes : relu_mode::bits;
+}
+
+// Writes the mask bits of a walk's steps, in order, in the walk's mode.
+template <class A, relu_mode Mode>
+class mask_writer {
+ public:
+  mask_writer(uint8_t* mask, int64_t index)
+      : mask_(mask), index_(index), bits_(Mode == relu_mode::bits ? mask : nullptr, index) {}
+
+  // The bits of the walk's values [j, j + n).
+  void put(int64_t j, int64_t n, uint32_t positive) {
+    if constexpr (Mode == relu_mode::bits) {
+      bits_.push(positive, static_cast<unsigned>(n));
+    } else if constexpr (Mode == relu_mode::bytes) {
+      if (n == simd::vfloat<A>::size)  // little-endian: element j in bit 0
+        std::memcpy(mask_ + (index_ + j) / 8, &positive, simd::vfloat<A>::size / 8);
+      else
+        put_part(mask_, index_ + j, n, positive);
+    }
+  }
+  void finish() { bits_.finish(); }
+
+ private:
+  // The head or the tail, out of line: inlined, it kept the walk's step
+  // out of line (a call per vector).
+  __attribute__((noinline)) static void put_part(uint8_t* mask, int64_t index, int64_t n,
+                                                 uint32_t positive) {
+    bit_writer part(mask, index);
+    part.push(positive, static_cast<unsigned>(n));
+    part.finish();
+  }
+
+  uint8_t* mask_;
+  int64_t index_;
+  bit_writer bits_;
+};
+
+// The mask bits of elements [index, index + n), in a walk of mode Mode.
+template <class A, relu_mode Mode>
+inline uint32_t mask_bits_at(const uint8_t* mask, int64_t index, int64_t n) {
+  if (Mode == relu_mode::bytes && n == simd::vfloat<A>::size) {
+    uint32_t bits = 0;
+    std::memcpy(&bits, mask + index / 8, simd::vfloat<A>::size / 8);
+    return bits;
+  }
+  return load_bits(mask, index, static_cast<int>(n));
+}
+
+// Calls f(mode, stream) with both as compile-time constants
+// (std::integral_constant), so that a kernel is compiled once per pair and
+// its loop tests neither.
+template <class F>
+void with_modes(relu_mode mode, bool stream, F f) {
+  auto with_stream = [&](auto m) {
+    if (stream)
+      f(m, std::true_type{});
+    else
+      f(m, std::false_type{});
+  };
+  if (mode == relu_mode::none)
+    with_stream(std::integral_constant<relu_mode, relu_mode::none>{});
+  else if (mode == relu_mode::clamp)
+    with_stream(std::integral_constant<relu_mode, relu_mode::clamp>{});
+  else if (mode == relu_mode::bits)
+    with_stream(std::integral_constant<relu_mode, relu_mode::bits>{});
+  else
+    with_stream(std::integral_constant<relu_mode, relu_mode::bytes>{});
+}
+
 // NCHW elementwise kernels walk a flat_run in memory order, a vector at a
 // time. Most vectors lie within one row and take one channel's coefficients
 // as broadcasts; a vector that crosses into the next row(s) takes, lane by
@@ -693,21 +794,21 @@ class channel_walker {
 };
 
 // Calls step(j, n, k) for the run's values [j, j + n), n <= W, in order, k
-// holding each lane's coefficients: full vectors, with a shorter first step
-// so that the full vectors' stores are aligned (streaming stores must be;
-// in cache, buffers from malloc, 16 bytes past a vector boundary, then also
-// load whole vectors), and a shorter last one. Vectors within one channel
-// take its coefficients from a tight loop; only vectors that cross into
-// another channel go through next(). Inlined into its caller, so that the
-// walker and the step's state stay in registers.
+// holding each lane's coefficients: a first step of `head` < W values (if
+// any; walk_head: so that the full vectors' stores are aligned, streaming
+// stores must be, or their mask bits in whole bytes), full vectors, and a
+// shorter last one. Vectors within one channel take its coefficients from
+// a tight loop; only vectors that cross into another channel go through
+// next(). Inlined into its caller, and the step into it (always_inline on
+// the callers' lambdas: GCC 12 otherwise called some steps once per
+// vector), so that the walker and the step's state stay in registers.
 template <class A, int K, class Step>
-__attribute__((always_inline)) inline void walk_vectors(channel_walker<A, K>& walk,
-                                                        const float* out, int64_t count,
-                                                        Step step) {
+__attribute__((always_inline)) inline void walk_vectors(channel_walker<A, K>& walk, int64_t count,
+                                                        int64_t head, Step step) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   V k[K];
-  int64_t j = head_to_align<A>(out, count);
+  int64_t j = head;
   if (j > 0) {
     walk.next(j, k);
     step(0, j, k);
@@ -751,22 +852,27 @@ inline void store_n(float* p, simd::vfloat<A> v, int64_t n, bool stream) {
     simd::store_first<A>(p, v, n);
 }
 
-// Compiled once per (ReLU, streaming) pair so that the loop tests neither.
-template <class A, bool Relu, bool Stream>
-void normalize_run(const float* x, float* y, flat_run f, const float* mean, const float* scale,
-                   const float* shift, relu_bits relu_out) {
+// Compiled once per (ReLU mode, streaming) pair so that the loop tests
+// neither. (With the mask bit by bit, through one bit_writer's chain, the
+// NCHW forward training with ReLU of 8x256x14x14 took 1.7 times as long as
+// without.)
+template <class A, relu_mode Relu, bool Stream>
+__attribute__((noinline)) void normalize_run(const float* x, float* y, flat_run f, int64_t head,
+                                             const float* mean, const float* scale,
+                                             const float* shift, relu_bits relu_out) {
   using V = simd::vfloat<A>;
   const float* const coef[3] = {mean, scale, shift};
   channel_walker<A, 3> walk(coef, f);
-  bit_writer bits(Relu ? relu_out.bits : nullptr, relu_out.index);
-  walk_vectors<A>(walk, y, f.count, [&](int64_t j, int64_t n, const V* k) {
-    V v = madd(load_n<A>(x + j, n) - k[0], k[1], k[2]);
-    if constexpr (Relu) {
-      v = relu_vec<A>(v);
-      bits.push(to_bits<A>(v > V(0.f)) & ((1u << n) - 1u), static_cast<unsigned>(n));
-    }
-    store_n<A>(y + j, v, n, Stream);
-  });
+  mask_writer<A, Relu> bits(relu_out.bits, relu_out.index);
+  walk_vectors<A>(
+      walk, f.count, head, [&](int64_t j, int64_t n, const V* k) __attribute__((always_inline)) {
+        V v = madd(load_n<A>(x + j, n) - k[0], k[1], k[2]);
+        if constexpr (Relu != relu_mode::none) {
+          v = relu_vec<A>(v);
+          bits.put(j, n, to_bits<A>(v > V(0.f)) & ((1u << n) - 1u));
+        }
+        store_n<A>(y + j, v, n, Stream);
+      });
   bits.finish();
   if (Stream) _mm_sfence();
 }
@@ -774,9 +880,13 @@ void normalize_run(const float* x, float* y, flat_run f, const float* mean, cons
 template <class A>
 void normalize_nchw(const float* x, float* y, flat_run f, const float* mean, const float* scale,
                     const float* shift, relu_bits relu_out, bool stream) {
-  auto run = relu_out.relu ? (stream ? normalize_run<A, true, true> : normalize_run<A, true, false>)
-                           : (stream ? normalize_run<A, false, true> : normalize_run<A, false, false>);
-  run(x, y, f, mean, scale, shift, relu_out);
+  const bool mask = relu_out.relu && relu_out.bits;
+  const int64_t head = walk_head<A>(y, f.count, relu_out.index, mask, stream);
+  with_modes(relu_mode_for<A>(relu_out.relu, relu_out.bits, relu_out.index, head), stream,
+             [&](auto m, auto nt) {
+               normalize_run<A, decltype(m)::value, decltype(nt)::value>(x, y, f, head, mean, scale,
+                                                                         shift, relu_out);
+             });
 }
 
 // NHWC whole rows (a region with cols == stride, C >= W) are one run of
@@ -846,53 +956,6 @@ inline simd::vfloat<A> columns_at(const float* coef, int64_t q, int64_t c, Wrap)
     return simd::vfloat<A>::load_unaligned(coef + q);
 }
 
-// The head for walk_rows: to the output's next vector boundary when
-// streaming (streaming stores must be aligned) or without a mask; with a
-// mask in cache, only if that keeps the mask in whole bytes per vector.
-template <class A>
-int64_t rows_head(const float* out, int64_t count, int64_t mask_index, bool mask, bool stream) {
-  const int64_t head = head_to_align<A>(out, count);
-  return stream || !mask || (mask_index + head) % 8 == 0 ? head : 0;
-}
-
-// The mask bits of whole vectors go straight to their bytes when every
-// vector starts on a byte (no chain from vector to vector through the
-// bit_writer: with it, 256x1024 took 1.5x as long with ReLU as without);
-// the head, the tail and other runs go through a bit_writer.
-template <class A>
-bool whole_mask_bytes(int64_t mask_index, int64_t head) {
-  return simd::vfloat<A>::size % 8 == 0 && (mask_index + head) % 8 == 0;
-}
-
-// How a walk treats ReLU: none; the mask (if any) bit by bit (bit_writer,
-// load_bits); whole vectors' bits straight to or from their bytes.
-enum class relu_mode { none, bits, bytes };
-
-template <class A>
-relu_mode relu_mode_for(bool relu, const uint8_t* mask, int64_t mask_index, int64_t head) {
-  if (!relu) return relu_mode::none;
-  return mask && whole_mask_bytes<A>(mask_index, head) ? relu_mode::bytes : relu_mode::bits;
-}
-
-// Calls f(mode, stream) with both as compile-time constants
-// (std::integral_constant), so that a kernel is compiled once per pair and
-// its loop tests neither.
-template <class F>
-void with_modes(relu_mode mode, bool stream, F f) {
-  auto with_stream = [&](auto m) {
-    if (stream)
-      f(m, std::true_type{});
-    else
-      f(m, std::false_type{});
-  };
-  if (mode == relu_mode::none)
-    with_stream(std::integral_constant<relu_mode, relu_mode::none>{});
-  else if (mode == relu_mode::bits)
-    with_stream(std::integral_constant<relu_mode, relu_mode::bits>{});
-  else
-    with_stream(std::integral_constant<relu_mode, relu_mode::bytes>{});
-}
-
 // Whether every row of a region takes the same head and ReLU mode as its
 // first: whole rows are one run; the rows of a column block are when their
 // stride keeps vectors (and mask bytes) on the same boundaries.
@@ -906,35 +969,26 @@ bool uniform_rows(region r, bool mask) {
 // stride) as its own, all with the same head. Compiled once per (ReLU mode,
 // streaming) pair, so that the loop tests neither.
 template <class A, relu_mode Relu, bool Stream>
-void normalize_rows(const float* x, float* y, region r, int64_t head, const float* mean,
-                    const float* scale, const float* shift, relu_bits relu_out) {
+__attribute__((noinline)) void normalize_rows(const float* x, float* y, region r, int64_t head,
+                                              const float* mean, const float* scale,
+                                              const float* shift, relu_bits relu_out) {
   using V = simd::vfloat<A>;
-  constexpr int64_t W = V::size;
   const bool whole = r.cols == r.stride;
   const int64_t count = whole ? r.rows * r.cols : r.cols;
   for (int64_t i = 0; i < (whole ? 1 : r.rows); ++i) {
-    const int64_t at = i * r.stride, index = relu_out.index + at;
-    bit_writer bits(Relu == relu_mode::bits ? relu_out.bits : nullptr, index);
-    uint8_t* const body_bytes =  // the mask byte of the first whole vector (relu_mode::bytes)
-        Relu == relu_mode::bytes ? relu_out.bits + (index + head) / 8 : nullptr;
-    walk_rows<A>(count, r.cols, head, [&](int64_t j, int64_t n, int64_t q, auto wrap) {
-      V v = madd(load_n<A>(x + at + j, n) - columns_at<A>(mean, q, r.cols, wrap),
-                 columns_at<A>(scale, q, r.cols, wrap), columns_at<A>(shift, q, r.cols, wrap));
-      if constexpr (Relu != relu_mode::none) {
-        v = relu_vec<A>(v);
-        const uint32_t positive = to_bits<A>(v > V(0.f)) & ((1u << n) - 1u);
-        if (Relu == relu_mode::bits) {
-          bits.push(positive, static_cast<unsigned>(n));
-        } else if (n == W) {  // little-endian: element j in bit 0
-          std::memcpy(body_bytes + static_cast<uint64_t>(j - head) / 8, &positive, W / 8);
-        } else {  // the head or the tail
-          bit_writer part(relu_out.bits, index + j);
-          part.push(positive, static_cast<unsigned>(n));
-          part.finish();
-        }
-      }
-      store_n<A>(y + at + j, v, n, Stream);
-    });
+    const int64_t at = i * r.stride;
+    mask_writer<A, Relu> bits(relu_out.bits, relu_out.index + at);
+    walk_rows<A>(
+        count, r.cols,
+        head, [&](int64_t j, int64_t n, int64_t q, auto wrap) __attribute__((always_inline)) {
+          V v = madd(load_n<A>(x + at + j, n) - columns_at<A>(mean, q, r.cols, wrap),
+                     columns_at<A>(scale, q, r.cols, wrap), columns_at<A>(shift, q, r.cols, wrap));
+          if constexpr (Relu != relu_mode::none) {
+            v = relu_vec<A>(v);
+            bits.put(j, n, to_bits<A>(v > V(0.f)) & ((1u << n) - 1u));
+          }
+          store_n<A>(y + at + j, v, n, Stream);
+        });
     bits.finish();
   }
   if (Stream) _mm_sfence();
@@ -967,7 +1021,7 @@ void normalize_nhwc(const float* x, float* y, region r, const float* mean, const
     const region part = uniform ? r : region{1, r.cols, r.stride};
     const relu_bits out{relu, relu_out.bits, relu_out.index + at};
     const int64_t count = part.cols == part.stride ? part.rows * part.cols : part.cols;
-    const int64_t head = rows_head<A>(y + at, count, out.index, mask, stream);
+    const int64_t head = walk_head<A>(y + at, count, out.index, mask, stream);
     with_modes(relu_mode_for<A>(relu, out.bits, out.index, head), stream, [&](auto m, auto nt) {
       normalize_rows<A, decltype(m)::value, decltype(nt)::value>(x + at, y + at, part, head, mean,
                                                                  scale, shift, out);
@@ -1290,61 +1344,66 @@ void running_stats(int64_t n, double keep, double m, double bessel, const float*
   }
 }
 
-// Compiled with and without streaming stores: with the test in the loop,
-// walk_vectors' inner loops ran 7-20% slower (NCHW backward in cache,
+// Compiled per (ReLU mode, streaming) pair: with the streaming test in the
+// loop, walk_vectors' inner loops ran 7-20% slower (NCHW backward in cache,
 // bnorm_ab: 8x512x7x7 -14%, 32x512x7x7 -20%, 8x2048x7x7 -16%, 8x256x14x14
-// -13%, 1x64x56x56 -10%; the ReLU and x tests in the loop cost under 2%).
-template <class A, bool Stream>
-void apply_run(const float* x, const float* dy, float* dx, flat_run f, const float* mean,
-               const float* a, const float* b, const float* c, relu_bits_in relu_in) {
+// -13%, 1x64x56x56 -10%; the x test in the loop costs under 2%).
+template <class A, relu_mode Relu, bool Stream>
+__attribute__((noinline)) void apply_run(const float* x, const float* dy, float* dx, flat_run f,
+                                         int64_t head, const float* mean, const float* a,
+                                         const float* b, const float* c, relu_bits_in relu_in) {
   using V = simd::vfloat<A>;
   const float* const coef[4] = {mean, a, b, c};
   channel_walker<A, 4> walk(coef, f);
-  walk_vectors<A>(walk, dx, f.count, [&](int64_t j, int64_t n, const V* k) {
-    const V g = load_dy<A>(dy + j, n, relu_in, relu_in.index + j);
-    const V out = x ? madd(k[1], g, madd(load_n<A>(x + j, n) - k[0], k[2], k[3])) : k[1] * g;
-    store_n<A>(dx + j, out, n, Stream);
-  });
+  walk_vectors<A>(
+      walk, f.count, head, [&](int64_t j, int64_t n, const V* k) __attribute__((always_inline)) {
+        V g = load_n<A>(dy + j, n);
+        if constexpr (Relu != relu_mode::none)
+          g = xsimd::select(from_bits<A>(mask_bits_at<A, Relu>(relu_in.bits, relu_in.index + j, n)),
+                            g, V(0.f));
+        const V out = x ? madd(k[1], g, madd(load_n<A>(x + j, n) - k[0], k[2], k[3])) : k[1] * g;
+        store_n<A>(dx + j, out, n, Stream);
+      });
   if (Stream) _mm_sfence();
 }
 
 template <class A>
-void backward_apply_nchw(const float* x, const float* dy, float* dx, flat_run f,
-                         const float* mean, const float* a, const float* b, const float* c,
-                         relu_bits_in relu_in, bool stream) {
-  auto run = stream ? apply_run<A, true> : apply_run<A, false>;
-  run(x, dy, dx, f, mean, a, b, c, relu_in);
+void backward_apply_nchw(const float* x, const float* dy, float* dx, flat_run f, const float* mean,
+                         const float* a, const float* b, const float* c, relu_bits_in relu_in,
+                         bool stream) {
+  const bool mask = relu_in.bits != nullptr;
+  const int64_t head = walk_head<A>(dx, f.count, relu_in.index, mask, stream);
+  with_modes(relu_mode_for<A>(mask, relu_in.bits, relu_in.index, head), stream,
+             [&](auto m, auto nt) {
+               apply_run<A, decltype(m)::value, decltype(nt)::value>(x, dy, dx, f, head, mean, a, b,
+                                                                     c, relu_in);
+             });
 }
 
 // dx for NHWC rows, as normalize_rows.
 template <class A, relu_mode Relu, bool Stream>
-void apply_rows(const float* x, const float* dy, float* dx, region r, int64_t head,
-                const float* mean, const float* a, const float* b, const float* c,
-                relu_bits_in relu_in) {
+__attribute__((noinline)) void apply_rows(const float* x, const float* dy, float* dx, region r,
+                                          int64_t head, const float* mean, const float* a,
+                                          const float* b, const float* c, relu_bits_in relu_in) {
   using V = simd::vfloat<A>;
-  constexpr int64_t W = V::size;
   const V zero(0.f);
   const bool whole = r.cols == r.stride;
   const int64_t count = whole ? r.rows * r.cols : r.cols;
   for (int64_t i = 0; i < (whole ? 1 : r.rows); ++i) {
     const int64_t at = i * r.stride, index = relu_in.index + at;
-    const uint8_t* const body_bytes =  // as normalize_rows
-        Relu == relu_mode::bytes ? relu_in.bits + (index + head) / 8 : nullptr;
-    walk_rows<A>(count, r.cols, head, [&](int64_t j, int64_t n, int64_t q, auto wrap) {
-      V g = load_n<A>(dy + at + j, n);
-      if constexpr (Relu != relu_mode::none) {
-        uint32_t bits = 0;
-        if (Relu == relu_mode::bytes && n == W)
-          std::memcpy(&bits, body_bytes + static_cast<uint64_t>(j - head) / 8, W / 8);
-        else
-          bits = load_bits(relu_in.bits, index + j, static_cast<int>(n));
-        g = xsimd::select(from_bits<A>(bits), g, zero);
-      }
-      const V rest = x ? madd(load_n<A>(x + at + j, n) - columns_at<A>(mean, q, r.cols, wrap),
-                              columns_at<A>(b, q, r.cols, wrap), columns_at<A>(c, q, r.cols, wrap))
-                       : zero;
-      store_n<A>(dx + at + j, madd(columns_at<A>(a, q, r.cols, wrap), g, rest), n, Stream);
-    });
+    walk_rows<A>(
+        count, r.cols,
+        head, [&](int64_t j, int64_t n, int64_t q, auto wrap) __attribute__((always_inline)) {
+          V g = load_n<A>(dy + at + j, n);
+          if constexpr (Relu != relu_mode::none)
+            g = xsimd::select(from_bits<A>(mask_bits_at<A, Relu>(relu_in.bits, index + j, n)), g,
+                              zero);
+          const V rest =
+              x ? madd(load_n<A>(x + at + j, n) - columns_at<A>(mean, q, r.cols, wrap),
+                       columns_at<A>(b, q, r.cols, wrap), columns_at<A>(c, q, r.cols, wrap))
+                : zero;
+          store_n<A>(dx + at + j, madd(columns_at<A>(a, q, r.cols, wrap), g, rest), n, Stream);
+        });
   }
   if (Stream) _mm_sfence();
 }
@@ -1403,7 +1462,7 @@ void backward_apply_nhwc(const float* x, const float* dy, float* dx, region r, c
     const region part = uniform ? r : region{1, r.cols, r.stride};
     const relu_bits_in in{relu_in.bits, relu_in.index + at};
     const int64_t count = part.cols == part.stride ? part.rows * part.cols : part.cols;
-    const int64_t head = rows_head<A>(dx + at, count, in.index, mask, stream);
+    const int64_t head = walk_head<A>(dx + at, count, in.index, mask, stream);
     if (x && !mask && !stream && head == 0 && part.cols == part.stride && part.cols % W == 0) {
       apply_row_pairs<A>(x + at, dy + at, dx + at, part, mean, a, b, c);
       return;
