@@ -627,7 +627,8 @@ int64_t head_to_align(const float* y, int64_t cols) {
 // boundary when streaming (streaming stores must be aligned), without a
 // mask, or when that keeps the mask in whole bytes per vector; else, in
 // cache, to the next whole mask byte (the stores then cross vector
-// boundaries, which in cache costs less than the mask bit by bit).
+// boundaries, which in cache costs less than the mask bit by bit). Vectors
+// of fewer than 8 lanes (SSE2) never hold whole mask bytes: vector head.
 template <class A>
 int64_t walk_head(const float* out, int64_t count, int64_t mask_index, bool mask, bool stream) {
   const int64_t head = head_to_align<A>(out, count);
@@ -692,7 +693,8 @@ class mask_writer {
   bit_writer bits_;
 };
 
-// The mask bits of elements [index, index + n), in a walk of mode Mode.
+// The mask bits of elements [index, index + n), in a walk of mode Mode (in
+// bytes mode a whole vector's index is a multiple of 8: walk_head).
 template <class A, relu_mode Mode>
 inline uint32_t mask_bits_at(const uint8_t* mask, int64_t index, int64_t n) {
   if (Mode == relu_mode::bytes && n == simd::vfloat<A>::size) {
@@ -896,7 +898,8 @@ void normalize_nchw(const float* x, float* y, flat_run f, const float* mean, con
 // (simd::load_wrapped). So rows of any C cost nothing per row but that
 // vector, and the walk can start with a shorter head that puts every later
 // store on a vector boundary of the output, whatever the buffer's
-// alignment: with streaming stores this is what lets a tensor from malloc
+// alignment (walk_head; with a mask in cache, it may put the mask bytes
+// on boundaries instead): with streaming stores this is what lets a tensor from malloc
 // (16 bytes past a vector boundary) stream at all (NHWC inference of
 // 32x256x56x56 from such buffers took 1.5x as long when its rows were
 // stored without), and in cache it keeps whole the loads and stores of
