@@ -693,16 +693,18 @@ class mask_writer {
   bit_writer bits_;
 };
 
-// The mask bits of elements [index, index + n), in a walk of mode Mode (in
-// bytes mode a whole vector's index is a multiple of 8: walk_head).
-template <class A, relu_mode Mode>
-inline uint32_t mask_bits_at(const uint8_t* mask, int64_t index, int64_t n) {
-  if (Mode == relu_mode::bytes && n == simd::vfloat<A>::size) {
-    uint32_t bits = 0;
-    std::memcpy(&bits, mask + index / 8, simd::vfloat<A>::size / 8);
-    return bits;
-  }
-  return load_bits(mask, index, static_cast<int>(n));
+// g in the lanes whose mask bits (elements [index, index + n)) are set, 0
+// in the others; the bits read as a walk of mode Mode reads them (in bytes
+// mode a whole vector's index is a multiple of 8: walk_head).
+template <class A, relu_mode Mode = relu_mode::bits>
+inline simd::vfloat<A> masked(simd::vfloat<A> g, const uint8_t* mask, int64_t index, int64_t n) {
+  using V = simd::vfloat<A>;
+  uint32_t bits = 0;
+  if (Mode == relu_mode::bytes && n == V::size)
+    std::memcpy(&bits, mask + index / 8, V::size / 8);
+  else
+    bits = load_bits(mask, index, static_cast<int>(n));
+  return xsimd::select(from_bits<A>(bits), g, V(0.f));
 }
 
 // Calls f(mode, stream) with both as compile-time constants
@@ -1076,8 +1078,7 @@ inline simd::vfloat<A> load_dy(const float* dy, int64_t n, relu_bits_in relu_in,
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const V g = n == W ? V::load_unaligned(dy) : simd::load_first<A>(dy, n);
-  if (!relu_in.bits) return g;
-  return xsimd::select(from_bits<A>(load_bits(relu_in.bits, index, static_cast<int>(n))), g, V(0.f));
+  return relu_in.bits ? masked<A>(g, relu_in.bits, index, n) : g;
 }
 
 // sum(dy) and sum(dy * (x - mean)) of one NCHW channel's region, per lane.
@@ -1200,9 +1201,7 @@ void backward_reduce_columns(const float* x, const float* dy, region r, int64_t 
       }
       for (int q = 0; q < Q; ++q) {
         V g = V::load_unaligned(dy + at + q * W);
-        if constexpr (Relu)
-          g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, relu_in.index + at + q * W, W)),
-                            g, zero);
+        if constexpr (Relu) g = masked<A>(g, relu_in.bits, relu_in.index + at + q * W, W);
         s0[q] += g;
         s1[q] = madd(g, V::load_unaligned(x + at + q * W) - vm[q], s1[q]);
       }
@@ -1244,8 +1243,7 @@ __attribute__((always_inline)) inline void backward_reduce_rows_into(
   stream_rows<A, 1>(r, 0, r.cols, [&](int64_t i, int64_t j, auto) {
     const int64_t at = i * r.stride + j;
     V g = V::load_unaligned(dy + at);
-    if constexpr (Relu)
-      g = xsimd::select(from_bits<A>(load_bits(relu_in.bits, relu_in.index + at, W)), g, zero);
+    if constexpr (Relu) g = masked<A>(g, relu_in.bits, relu_in.index + at, W);
     (V::load_aligned(a0 + j) + g).store_aligned(a0 + j);
     madd(g, V::load_unaligned(x + at) - V::load_unaligned(mean + j), V::load_aligned(a1 + j))
         .store_aligned(a1 + j);
@@ -1362,8 +1360,7 @@ __attribute__((noinline)) void apply_run(const float* x, const float* dy, float*
       walk, f.count, head, [&](int64_t j, int64_t n, const V* k) __attribute__((always_inline)) {
         V g = load_n<A>(dy + j, n);
         if constexpr (Relu != relu_mode::none)
-          g = xsimd::select(from_bits<A>(mask_bits_at<A, Relu>(relu_in.bits, relu_in.index + j, n)),
-                            g, V(0.f));
+          g = masked<A, Relu>(g, relu_in.bits, relu_in.index + j, n);
         const V out = x ? madd(k[1], g, madd(load_n<A>(x + j, n) - k[0], k[2], k[3])) : k[1] * g;
         store_n<A>(dx + j, out, n, Stream);
       });
@@ -1398,9 +1395,7 @@ __attribute__((noinline)) void apply_rows(const float* x, const float* dy, float
         count, r.cols,
         head, [&](int64_t j, int64_t n, int64_t q, auto wrap) __attribute__((always_inline)) {
           V g = load_n<A>(dy + at + j, n);
-          if constexpr (Relu != relu_mode::none)
-            g = xsimd::select(from_bits<A>(mask_bits_at<A, Relu>(relu_in.bits, index + j, n)), g,
-                              zero);
+          if constexpr (Relu != relu_mode::none) g = masked<A, Relu>(g, relu_in.bits, index + j, n);
           const V rest =
               x ? madd(load_n<A>(x + at + j, n) - columns_at<A>(mean, q, r.cols, wrap),
                        columns_at<A>(b, q, r.cols, wrap), columns_at<A>(c, q, r.cols, wrap))
