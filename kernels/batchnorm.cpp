@@ -140,7 +140,7 @@ int64_t nchw_chunk(const plan& p, int64_t k, region* r) {
   return row * p.stride + col;
 }
 
-// Asks for n floats from p to be brought into L2 (see fused_block). The
+// Asks for n floats from p to be brought into L2 (see nchw_backward_block). The
 // instruction is a volatile asm statement: GCC 12 takes a function whose
 // only effect is __builtin_prefetch for one without effects and deletes
 // calls to it. Until session 9 the NHWC reductions asked for the next chunk
@@ -250,6 +250,17 @@ int64_t sysfs_cache_bytes(int level) {
   return best;
 }
 
+// Without sysfs, glibc's sysconf reads the L3 from CPUID, where a hypervisor
+// may put its host's total instead of what the guest's CPUs share: this
+// project's KVM machine (AMD EPYC Zen 5, 2 CPUs, no cache directory in
+// sysfs) reports 508 MiB; memory reads slow down past 16-32 MiB, the
+// core complex's L3. So sysconf's figure is taken as at most 16 MiB per
+// online CPU: no x86 part sold in volume has more L3 per core (AMD's 96 MiB
+// 3D V-Cache over 6 cores; Intel 2-5 MiB). A few server parts with one or two
+// cores per 32-96 MiB complex have more, and only lose cache when sysfs is
+// missing; BNORM_CACHE_BYTES sets the size outright.
+constexpr int64_t kMaxCachePerCpu = int64_t{16} << 20;
+
 // The last-level cache, or BNORM_CACHE_BYTES when that is a positive number
 // of bytes: the tests set it small to take the paths of tensors larger than
 // the cache (streaming stores, fused NCHW blocks) with small tensors, and a
@@ -264,7 +275,8 @@ int64_t cache_bytes() {
     const int64_t sysfs = sysfs_cache_bytes(0);
     if (sysfs > 0) return sysfs;
     const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE), l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return static_cast<int64_t>(l3 > 0 ? l3 : l2 > 0 ? l2 : 1 << 20);
+    const int64_t reported = l3 > 0 ? l3 : l2 > 0 ? l2 : 1 << 20;
+    return std::min(reported, kMaxCachePerCpu * std::max<int64_t>(1, sysconf(_SC_NPROCESSORS_ONLN)));
   }();
   return bytes;
 }
@@ -1056,25 +1068,34 @@ void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, i
   apply_share(k, p, args, omp_get_thread_num(), omp_get_num_threads(), false);
 }
 
-// NCHW tensors whose operation does not fit in the L3 (inputs and output
-// together) and that have enough channels: each thread takes blocks of whole
-// channels and runs both passes on one block while it is still in cache: the reduction
-// channel by channel, then the elementwise pass image by image (each
+// NCHW backward of tensors that do not fit in the L3 (inputs and output
+// together) with enough channels: each thread takes blocks of whole channels
+// and runs both passes on one block while it is still in cache: the sums
+// channel by channel, then dx image by image (each
 // image's part of a block is one run), asking for the next block's part of
 // the same image to be brought into L2 meanwhile, so that the memory bus
 // does not idle while the core works on cached data. The arithmetic is the
 // same as the phases', so the results are bitwise the same.
 //
-// Blocks hold as many channels as fit, with `arrays` tensors, in a quarter
-// of L2 (the next block is arriving meanwhile), and every thread gets at
-// least four blocks. Returns 0 (use the phases) when there are too few
-// channels, or when an image's part of a block would be shorter than
+// Blocks hold as many channels as fit, x and dy, in a quarter of L2 (the
+// next block is arriving meanwhile), and every thread gets at least four
+// blocks. Returns 0 (use the phases) when there are too few channels, when
+// one channel does not fit (its block would come back from L3 or memory in
+// the second pass, in as many short runs as images), or when an image's part of a block would be shorter than
 // kMinRunBytes: short runs cost their fixed overhead and split cache lines
 // at both ends, and measured slower than the two phases (7x7 and, at large
 // batches, 14x14 ResNet-50 layers; docs/performance-notes.md). When the
 // whole operation fits in the L3, its second pass reads the L3 anyway, and
 // the phases, each a few long streams, measured 10-25% faster than blocks
 // (forward training and backward of 1-6 MB tensors, session 7).
+//
+// The NCHW forward training ran the same blocks until session 15. On AMD
+// Zen 5, this project's machine since, the phases with streaming stores
+// beat them on every shape measured (bnorm_ab, time / copy, blocks against
+// phases: 32x512x28x28 3.65 / 2.80, 32x1024x14x14 4.92 / 4.25, 8x256x56x56
+// 3.25 / 2.96, 128x2048x7x7 4.48 / 4.60; with one channel per block,
+// 128x256x56x56 3.1 / 2.0), while the backward's blocks measured within 6%
+// of its phases either way (-6..+6%), and stay.
 constexpr int64_t kMinRunBytes = 2048;
 // NHWC tensors of few rows run the forward training fused too, each block a
 // set of whole columns (channels) of all the rows: the reduction as the
@@ -1145,12 +1166,13 @@ struct nhwc_columns {
   }
 };
 
-int64_t fused_block(const kernel_table& k, const plan& p, int nt, int arrays) {
-  if (p.nhwc) return arrays == 1 ? nhwc_fused_block(p, nt) : 0;  // forward training only
-  if (nt > 1 && p.c < 4 * nt) return 0;
+int64_t nchw_backward_block(const kernel_table& k, const plan& p, int nt) {
+  constexpr int arrays = 2;  // x and dy
+  if (p.nhwc || (nt > 1 && p.c < 4 * nt)) return 0;
   if (!stream_for((arrays + 1) * p.count * p.c * static_cast<int64_t>(sizeof(float)))) return 0;
   const int64_t per_channel = p.count * static_cast<int64_t>(sizeof(float)) * arrays;
-  const int64_t fit = std::max<int64_t>(1, l2_bytes() / 4 / per_channel);
+  const int64_t fit = l2_bytes() / 4 / per_channel;
+  if (fit == 0) return 0;
   int64_t block = std::min(fit, std::max<int64_t>(1, p.c / (4 * nt)));
   if (grouped(p)) block = (block + k.width - 1) / k.width * k.width;  // whole groups
   const bool long_runs = block * p.spatial * static_cast<int64_t>(sizeof(float)) >= kMinRunBytes;
@@ -1373,7 +1395,7 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   const plan p = make_plan(*shape);
   const kernel_table& k = kernels();
   const int nt = threads_for(2 * total * static_cast<int64_t>(sizeof(float)));
-  const int64_t block = fused_block(k, p, nt, 1);
+  const int64_t block = p.nhwc ? nhwc_fused_block(p, nt) : 0;
   coefficient_scratch coef(kNormalizeScratch * p.c, y);
   if (!coef) return out_of_memory(fn, p.c);
   float* scale = coef.get();
@@ -1404,37 +1426,19 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
     return succeed();
   }
 
+  // NHWC column blocks (nhwc_fused_block).
   const int64_t blocks = (p.c + block - 1) / block;
-  if (p.nhwc) {
-    nhwc_columns scratch(p);
-    if (!scratch) return out_of_memory(fn, p.c);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
-      const partial* total = scratch.reduce(k, x, c0, c1);
-      for (int64_t c = c0; c < c1; ++c) finish_moments(total[c], &mean[c], &var[c]);
-      scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
-      std::copy(mean + c0, mean + c1, aligned_mean + c0);
-      k.normalize_nhwc(x + c0, y + c0, {p.rows, c1 - c0, p.c}, aligned_mean + c0, scale + c0,
-                       shift + c0, {relu, relu_mask, c0}, args.stream);
-    }
-    return succeed();
-  }
+  nhwc_columns scratch(p);
+  if (!scratch) return out_of_memory(fn, p.c);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
-    nchw_moments(k, p, x, c0, c1,
-                 [&](int64_t c, const partial& acc) { finish_moments(acc, &mean[c], &var[c]); });
+    const partial* total = scratch.reduce(k, x, c0, c1);
+    for (int64_t c = c0; c < c1; ++c) finish_moments(total[c], &mean[c], &var[c]);
     scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
     std::copy(mean + c0, mean + c1, aligned_mean + c0);
-    for (int64_t n = 0; n < p.rows; ++n) {
-      if (c1 < p.c) {
-        const block_part next = image_part(p, n, c1, std::min(p.c, c1 + block));
-        prefetch_floats(x + next.at, next.count);
-      }
-      const block_part part = image_part(p, n, c0, c1);
-      normalize_run(k, p, args, part.at, part.count);
-    }
+    k.normalize_nhwc(x + c0, y + c0, {p.rows, c1 - c0, p.c}, aligned_mean + c0, scale + c0,
+                     shift + c0, {relu, relu_mask, c0}, args.stream);
   }
   return succeed();
 }
@@ -1634,7 +1638,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   auto invstd = allocate<double>(p.c);
   if (!channel || !coef || !invstd) return out_of_memory(fn, p.c);
 
-  const int64_t block = total == 0 ? 0 : fused_block(k, p, nt, 2);
+  const int64_t block = total == 0 ? 0 : nchw_backward_block(k, p, nt);
   const backward_coefficients coefficients{gamma,      invstd.get(),    static_cast<double>(p.count),
                                            global,     coef.get(),      coef.get() + p.c,
                                            coef.get() + 2 * p.c};
