@@ -68,10 +68,16 @@ constexpr int64_t kChunkRows = 256;
 // nhwc_item_moments).
 constexpr int64_t kMaxSlices = 64;
 // Below this many bytes per thread (of traffic: inputs and outputs), another
-// thread costs more than it saves. 256 KiB kept 1x512x7x7 (200-300 KB of
-// traffic) on one thread; two took 20-37% less time (forward training,
-// backward, both layouts; each library in its own process, session 7).
-constexpr int64_t kBytesPerThread = 64 * 1024;
+// thread costs more than it saves. On Zen 4 (session 7) two threads took
+// 20-37% less time than one on 1x512x7x7 (200-300 KB of traffic), and the
+// threshold was 64 KiB. On Zen 5 (session 15; bnorm-run --threads=1|2,
+// alternated processes, NHWC unless stated) one thread is the faster up to
+// about 400 KB of traffic: 1x512x7x7 inference 3.4 vs 5.4 us (NCHW 3.8 vs
+// 5.4), training 9.2 vs 11.2, backward 10.6 vs 13.4; at 1x256x14x14
+// (400-600 KB) a tie but for NCHW inference (3.9 vs 5.2-5.5); from 800 KB
+// two win (1x2048x7x7 training 21 vs 23 us, backward 29 vs 39;
+// 1x128x28x28 inference 8.2 vs 9.0).
+constexpr int64_t kBytesPerThread = 256 * 1024;
 
 struct plan {
   int64_t c, spatial;
