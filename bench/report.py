@@ -432,7 +432,8 @@ def write_markdown(res, path, images, img_rel):
                                                      ctx.get("lscpu_model", "?"),
                                                      ctx.get("num_cpus", "?"),
                                                      ctx.get("mhz_per_cpu", "?"))),
-        ("Caches", caches or "?"),
+        ("Caches", caches or "none in sysfs (Google Benchmark reads them there); "
+         "performance-notes.md says what the machine has"),
         ("Threads", "%s OpenMP threads for every implementation (libgomp, shared)"
          % ctx.get("omp_threads", "?")),
         ("bnorm", "instruction set `%s` (bnorm_isa()), commit `%s`" % (
