@@ -282,7 +282,8 @@ int64_t cache_bytes() {
     if (sysfs > 0) return sysfs;
     const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE), l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
     const int64_t reported = l3 > 0 ? l3 : l2 > 0 ? l2 : 1 << 20;
-    return std::min(reported, kMaxCachePerCpu * std::max<int64_t>(1, sysconf(_SC_NPROCESSORS_ONLN)));
+    const int64_t cpus = std::max<long>(1, sysconf(_SC_NPROCESSORS_ONLN));
+    return std::min(reported, kMaxCachePerCpu * cpus);
   }();
   return bytes;
 }
@@ -491,16 +492,12 @@ struct normalize_args {
   bool stream;    // non-temporal stores
 };
 
-// NCHW: the `count` values from index `at`.
-void normalize_run(const kernel_table& k, const plan& p, const normalize_args& a, int64_t at,
-                   int64_t count) {
-  k.normalize_nchw(a.x + at, a.y + at, run_at(p, at, count), a.mean, a.scale, a.shift,
-                   {a.relu, a.mask, at}, a.stream);
-}
-
+// NCHW: run `item` of kRunValues values.
 void normalize_item(const kernel_table& k, const plan& p, const normalize_args& a, int64_t item) {
   const int64_t at = item * kRunValues;
-  normalize_run(k, p, a, at, std::min(kRunValues, p.rows * p.stride - at));
+  const int64_t count = std::min(kRunValues, p.rows * p.stride - at);
+  k.normalize_nchw(a.x + at, a.y + at, run_at(p, at, count), a.mean, a.scale, a.shift,
+                   {a.relu, a.mask, at}, a.stream);
 }
 
 struct apply_args {
@@ -1087,13 +1084,14 @@ void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, i
 // next block is arriving meanwhile), and every thread gets at least four
 // blocks. Returns 0 (use the phases) when there are too few channels, when
 // one channel does not fit (its block would come back from L3 or memory in
-// the second pass, in as many short runs as images), or when an image's part of a block would be shorter than
-// kMinRunBytes: short runs cost their fixed overhead and split cache lines
-// at both ends, and measured slower than the two phases (7x7 and, at large
-// batches, 14x14 ResNet-50 layers; docs/performance-notes.md). When the
-// whole operation fits in the L3, its second pass reads the L3 anyway, and
-// the phases, each a few long streams, measured 10-25% faster than blocks
-// (forward training and backward of 1-6 MB tensors, session 7).
+// the second pass, in as many short runs as images), or when an image's
+// part of a block would be shorter than kMinRunBytes: short runs cost their
+// fixed overhead and split cache lines at both ends, and measured slower
+// than the two phases (7x7 and, at large batches, 14x14 ResNet-50 layers;
+// docs/performance-notes.md). When the whole operation fits in the L3, its
+// second pass reads the L3 anyway, and the phases, each a few long streams,
+// measured 10-25% faster than blocks (forward training and backward of 1-6
+// MB tensors, session 7).
 //
 // The NCHW forward training ran the same blocks until session 15. On AMD
 // Zen 5, this project's machine since, the phases with streaming stores
