@@ -187,11 +187,12 @@ struct item_range {
   int64_t begin, end;
 };
 
+// Thread t's even, contiguous share of n items.
+item_range share_of(int64_t n, int t, int threads) { return {n * t / threads, n * (t + 1) / threads}; }
+
 // The channels that thread t of `threads` reduces in one slice, merges and
-// finishes: an even, contiguous share.
-item_range channels_of(const plan& p, int t, int threads) {
-  return {p.c * t / threads, p.c * (t + 1) / threads};
-}
+// finishes.
+item_range channels_of(const plan& p, int t, int threads) { return share_of(p.c, t, threads); }
 
 struct nhwc_work {
   const plan& p;
@@ -219,7 +220,7 @@ struct nhwc_work {
   }
   // The items thread t of nt reduces (and later normalizes): contiguous, in
   // (slice, block) order, so that each thread streams its own rows.
-  item_range share(int t, int nt) const { return {items() * t / nt, items() * (t + 1) / nt}; }
+  item_range share(int t, int nt) const { return share_of(items(), t, nt); }
 };
 
 // The cache sizes the machine reports: Linux's sysfs first (what lscpu
@@ -323,6 +324,28 @@ int threads_for(int64_t bytes) {
   const int64_t useful = bytes / kBytesPerThread;
   const int max_threads = omp_get_max_threads();
   return useful < 1 ? 1 : (useful < max_threads ? static_cast<int>(useful) : max_threads);
+}
+
+// Runs body(t, threads) for t = 0 .. threads - 1 on up to nt threads. One
+// thread runs it here, outside OpenMP: libgomp ends even a team of one
+// (`parallel if (false)`) with a barrier whose last thread wakes the others
+// by a futex system call, whether anyone waits or not, and so does every
+// `omp barrier`. Under this machine's KVM that call takes 1 us: NHWC
+// forward training of 1x16x1x1 on one thread made four and took 3.9 us
+// (session 16). The body's barriers are barrier(threads), never bare
+// pragmas: outside a region a bare one would bind to the caller's team.
+template <class Body>
+void run_threads(int nt, Body&& body) {
+  if (nt <= 1) return body(0, 1);
+#pragma omp parallel num_threads(nt)
+  body(omp_get_thread_num(), omp_get_num_threads());
+}
+
+// A barrier of the threads of run_threads (none for one thread).
+void barrier(int threads) {
+  if (threads > 1) {
+#pragma omp barrier
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -829,24 +852,21 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
   R* const part = p.slices > 1 ? slices.get() : out;
   nhwc_scratch scratch;
   if (!scratch.allocate_for(p, nt, result_bytes, work_floats)) return false;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const int t = omp_get_thread_num();
+  run_threads(nt, [&](int t, int threads) {
     if (p.nhwc) {
       const nhwc_work work(p, nt);
-      const item_range r = work.share(t, omp_get_num_threads());
+      const item_range r = work.share(t, threads);
       for (int64_t i = r.begin; i < r.end; ++i) {
         const nhwc_item it = work.item(i);
         item(it, part + it.slice * p.c, scratch, t);
       }
-#pragma omp barrier
     } else if (grouped(p)) {  // one slice
-#pragma omp for schedule(static)
-      for (int64_t g = 0; g < groups(k, p); ++g)
+      const item_range r = share_of(groups(k, p), t, threads);
+      for (int64_t g = r.begin; g < r.end; ++g)
         group(g * k.width, std::min(p.c, (g + 1) * k.width),
               [&](int64_t c, const R& result) { part[c] = result; });
     } else if (nchw_one_slice(p)) {
-      const item_range r = channels_of(p, t, omp_get_num_threads());
+      const item_range r = channels_of(p, t, threads);
       const int64_t c0 = r.begin, c1 = r.end;
       for (int64_t ch = 0; ch < p.chunks; ++ch)
         for (int64_t c = c0; c < c1; ++c) {
@@ -854,21 +874,24 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
           chunk(c, ch, out[c]);
         }
     } else {
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < p.c * p.slices; ++i) {
+      const item_range r = share_of(p.c * p.slices, t, threads);
+      for (int64_t i = r.begin; i < r.end; ++i) {
         const int64_t c = i / p.slices, s = i % p.slices;
         part[s * p.c + c] = slice(c, s);
       }
     }
-    if (p.slices > 1) {  // after the barrier of every branch above
-      const item_range r = channels_of(p, t, omp_get_num_threads());
+    // Every branch but the NCHW channels of one slice (each thread's own
+    // channels from end to end) leaves results that other threads take.
+    if (!nchw_one_slice(p)) barrier(threads);
+    if (p.slices > 1) {
+      const item_range r = channels_of(p, t, threads);
       for (int64_t c = r.begin; c < r.end; ++c) out[c] = R{};
       if (r.end > r.begin)
         for (int64_t s = 0; s < p.slices; ++s)
           merge_into(out + r.begin, part + s * p.c + r.begin, r.end - r.begin);
     }
-    then(t, omp_get_num_threads());
-  }
+    then(t, threads);
+  });
   return true;
 }
 
@@ -1055,8 +1078,7 @@ void normalize_share(const kernel_table& k, const plan& p, const normalize_args&
 }
 
 void normalize_phase(const kernel_table& k, const plan& p, const normalize_args& args, int nt) {
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  normalize_share(k, p, args, omp_get_thread_num(), omp_get_num_threads(), false);
+  run_threads(nt, [&](int t, int threads) { normalize_share(k, p, args, t, threads, false); });
 }
 
 void apply_share(const kernel_table& k, const plan& p, const apply_args& args, int t, int threads,
@@ -1067,8 +1089,7 @@ void apply_share(const kernel_table& k, const plan& p, const apply_args& args, i
 }
 
 void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, int nt) {
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  apply_share(k, p, args, omp_get_thread_num(), omp_get_num_threads(), false);
+  run_threads(nt, [&](int t, int threads) { apply_share(k, p, args, t, threads, false); });
 }
 
 // NCHW backward of tensors that do not fit in the L3 (inputs and output
@@ -1423,7 +1444,7 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
       for (int64_t c = c0; c < c1; ++c) finish_moments(channel[c], &mean[c], &var[c]);
       scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
       std::copy(mean + c0, mean + c1, aligned_mean + c0);
-#pragma omp barrier
+      barrier(threads);
       normalize_share(k, p, args, t, threads, true);
     });
     if (!ok) return out_of_memory(fn, p.c);
@@ -1434,16 +1455,18 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   const int64_t blocks = (p.c + block - 1) / block;
   nhwc_columns scratch(p);
   if (!scratch) return out_of_memory(fn, p.c);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
-    const partial* total = scratch.reduce(k, x, c0, c1);
-    for (int64_t c = c0; c < c1; ++c) finish_moments(total[c], &mean[c], &var[c]);
-    scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
-    std::copy(mean + c0, mean + c1, aligned_mean + c0);
-    k.normalize_nhwc(x + c0, y + c0, {p.rows, c1 - c0, p.c}, aligned_mean + c0, scale + c0,
-                     shift + c0, {relu, relu_mask, c0}, args.stream);
-  }
+  run_threads(nt, [&](int t, int threads) {
+    const item_range r = share_of(blocks, t, threads);
+    for (int64_t b = r.begin; b < r.end; ++b) {
+      const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
+      const partial* total = scratch.reduce(k, x, c0, c1);
+      for (int64_t c = c0; c < c1; ++c) finish_moments(total[c], &mean[c], &var[c]);
+      scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
+      std::copy(mean + c0, mean + c1, aligned_mean + c0);
+      k.normalize_nhwc(x + c0, y + c0, {p.rows, c1 - c0, p.c}, aligned_mean + c0, scale + c0,
+                       shift + c0, {relu, relu_mask, c0}, args.stream);
+    }
+  });
   return succeed();
 }
 
@@ -1661,7 +1684,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
       k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
       for (int64_t c = c0; c < c1; ++c) coefficients.finish(c, channel[c], dgamma, dbeta);
       std::copy(mean + c0, mean + c1, aligned_mean + c0);
-#pragma omp barrier
+      barrier(threads);
       apply_share(k, p, args, t, threads, true);
     });
     if (!ok) return out_of_memory(fn, p.c);
@@ -1690,26 +1713,28 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   // 5-8% less (32x64x112x112, 32x256x56x56); 32x512x28x28 (200 KB blocks)
   // took 35% more without them. (Session 9.)
   const bool ahead = block * p.count * 2 * static_cast<int64_t>(sizeof(float)) <= l2_bytes() / 4;
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
-    k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
-    auto done = [&](int64_t c, const sums& acc) { coefficients.finish(c, acc, dgamma, dbeta); };
-    if (need_sums) {
-      nchw_sums(k, p, x, dy, mean, mask, c0, c1, false, done);
-    } else {
-      for (int64_t c = c0; c < c1; ++c) done(c, sums{0, 0});
-    }
-    for (int64_t n = 0; n < p.rows; ++n) {
-      if (ahead && c1 < p.c) {
-        const block_part next = image_part(p, n, c1, std::min(p.c, c1 + block));
-        prefetch_floats(x + next.at, next.count);
-        prefetch_floats(dy + next.at, next.count);
+  run_threads(nt, [&](int t, int threads) {
+    const item_range r = share_of(blocks, t, threads);
+    for (int64_t b = r.begin; b < r.end; ++b) {
+      const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
+      k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
+      auto done = [&](int64_t c, const sums& acc) { coefficients.finish(c, acc, dgamma, dbeta); };
+      if (need_sums) {
+        nchw_sums(k, p, x, dy, mean, mask, c0, c1, false, done);
+      } else {
+        for (int64_t c = c0; c < c1; ++c) done(c, sums{0, 0});
       }
-      const block_part part = image_part(p, n, c0, c1);
-      apply_run(k, p, args, part.at, part.count);
+      for (int64_t n = 0; n < p.rows; ++n) {
+        if (ahead && c1 < p.c) {
+          const block_part next = image_part(p, n, c1, std::min(p.c, c1 + block));
+          prefetch_floats(x + next.at, next.count);
+          prefetch_floats(dy + next.at, next.count);
+        }
+        const block_part part = image_part(p, n, c0, c1);
+        apply_run(k, p, args, part.at, part.count);
+      }
     }
-  }
+  });
   return succeed();
 }
 
