@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -20,6 +21,7 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <thread>
 #include <type_traits>
 
 #include "bnorm/bnorm.h"
@@ -326,26 +328,61 @@ int threads_for(int64_t bytes) {
   return useful < 1 ? 1 : (useful < max_threads ? static_cast<int>(useful) : max_threads);
 }
 
-// Runs body(t, threads) for t = 0 .. threads - 1 on up to nt threads. One
-// thread runs it here, outside OpenMP: libgomp ends even a team of one
-// (`parallel if (false)`) with a barrier whose last thread wakes the others
-// by a futex system call, whether anyone waits or not, and so does every
-// `omp barrier`. Under this machine's KVM that call takes 1 us: NHWC
-// forward training of 1x16x1x1 on one thread made four and took 3.9 us
-// (session 16). The body's barriers are barrier(threads), never bare
-// pragmas: outside a region a bare one would bind to the caller's team.
+// The threads' barrier: one counter of arrivals and a generation that the
+// last arrival moves on, waited for by spinning, then by yielding the core
+// (more threads than cores). libgomp's `omp barrier` has its last thread
+// wake the others with a futex system call whether anyone sleeps or not,
+// and under this machine's KVM that call takes 1 us: a parallel region of
+// two threads took 1.9 us, 2.9 with an `omp barrier`, 1.5-1.9 with this
+// one (best of 20000, session 16). The reductions' regions hold two.
+class spin_barrier {
+ public:
+  void wait(int threads) {
+    const unsigned generation = generation_.load(std::memory_order_relaxed);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == threads - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+      if (spins < kSpins)
+        pause();
+      else
+        std::this_thread::yield();
+    }
+  }
+
+ private:
+  static constexpr int kSpins = 4096;
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+  std::atomic<int> arrived_{0};
+  std::atomic<unsigned> generation_{0};
+};
+
+// Thread t of `threads` running one parallel body, and their barrier.
+struct team {
+  int t, threads;
+  spin_barrier* sync;
+  void barrier() const {
+    if (threads > 1) sync->wait(threads);
+  }
+};
+
+// Runs body(team) on up to nt threads. One thread runs it here, outside
+// OpenMP: libgomp ends even a team of one (`parallel if (false)`) with a
+// barrier whose futex call (above) made the four regions and barriers of
+// NHWC forward training of 1x16x1x1 take 3.9 us on one thread, 0.5 us
+// without them (session 16).
 template <class Body>
 void run_threads(int nt, Body&& body) {
-  if (nt <= 1) return body(0, 1);
+  spin_barrier sync;
+  if (nt <= 1) return body(team{0, 1, &sync});
 #pragma omp parallel num_threads(nt)
-  body(omp_get_thread_num(), omp_get_num_threads());
-}
-
-// A barrier of the threads of run_threads (none for one thread).
-void barrier(int threads) {
-  if (threads > 1) {
-#pragma omp barrier
-  }
+  body(team{omp_get_thread_num(), omp_get_num_threads(), &sync});
 }
 
 // ---------------------------------------------------------------------------
@@ -841,7 +878,7 @@ bool nchw_one_slice(const plan& p) {
   return !p.nhwc && !grouped(p) && p.slices == 1;
 }
 
-//   then(t, threads): last, in the same parallel region; out[c] for c in
+//   then(team): last, in the same parallel region; out[c] for c in
 //   channels_of(p, t, threads) is final then.
 template <class R, class Item, class Group, class Chunk, class Slice, class Then>
 bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t result_bytes,
@@ -852,7 +889,8 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
   R* const part = p.slices > 1 ? slices.get() : out;
   nhwc_scratch scratch;
   if (!scratch.allocate_for(p, nt, result_bytes, work_floats)) return false;
-  run_threads(nt, [&](int t, int threads) {
+  run_threads(nt, [&](const team& tm) {
+    const int t = tm.t, threads = tm.threads;
     if (p.nhwc) {
       const nhwc_work work(p, nt);
       const item_range r = work.share(t, threads);
@@ -882,7 +920,7 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
     }
     // Every branch but the NCHW channels of one slice (each thread's own
     // channels from end to end) leaves results that other threads take.
-    if (!nchw_one_slice(p)) barrier(threads);
+    if (!nchw_one_slice(p)) tm.barrier();
     if (p.slices > 1) {
       const item_range r = channels_of(p, t, threads);
       for (int64_t c = r.begin; c < r.end; ++c) out[c] = R{};
@@ -890,7 +928,7 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
         for (int64_t s = 0; s < p.slices; ++s)
           merge_into(out + r.begin, part + s * p.c + r.begin, r.end - r.begin);
     }
-    then(t, threads);
+    then(tm);
   });
   return true;
 }
@@ -977,7 +1015,7 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
 }
 
 bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt, partial* out) {
-  return moments_phase(k, p, x, nt, out, [](int, int) {});
+  return moments_phase(k, p, x, nt, out, [](const team&) {});
 }
 
 template <class Then>
@@ -1005,7 +1043,7 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
 
 bool sums_phase(const kernel_table& k, const plan& p, const float* x, const float* dy,
                 const float* mean, const uint8_t* mask, int nt, sums* out) {
-  return sums_phase(k, p, x, dy, mean, mask, nt, out, [](int, int) {});
+  return sums_phase(k, p, x, dy, mean, mask, nt, out, [](const team&) {});
 }
 
 // The elementwise passes. NHWC: each thread takes the chunks of the same
@@ -1078,7 +1116,7 @@ void normalize_share(const kernel_table& k, const plan& p, const normalize_args&
 }
 
 void normalize_phase(const kernel_table& k, const plan& p, const normalize_args& args, int nt) {
-  run_threads(nt, [&](int t, int threads) { normalize_share(k, p, args, t, threads, false); });
+  run_threads(nt, [&](const team& tm) { normalize_share(k, p, args, tm.t, tm.threads, false); });
 }
 
 void apply_share(const kernel_table& k, const plan& p, const apply_args& args, int t, int threads,
@@ -1089,7 +1127,7 @@ void apply_share(const kernel_table& k, const plan& p, const apply_args& args, i
 }
 
 void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, int nt) {
-  run_threads(nt, [&](int t, int threads) { apply_share(k, p, args, t, threads, false); });
+  run_threads(nt, [&](const team& tm) { apply_share(k, p, args, tm.t, tm.threads, false); });
 }
 
 // NCHW backward of tensors that do not fit in the L3 (inputs and output
@@ -1438,14 +1476,14 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
     // 8x256x14x14 -11%; large tensors within noise).
     auto channel = allocate<partial>(p.c);
     if (!channel) return out_of_memory(fn, p.c);
-    const bool ok = moments_phase(k, p, x, nt, channel.get(), [&](int t, int threads) {
-      const item_range r = channels_of(p, t, threads);
+    const bool ok = moments_phase(k, p, x, nt, channel.get(), [&](const team& tm) {
+      const item_range r = channels_of(p, tm.t, tm.threads);
       const int64_t c0 = r.begin, c1 = r.end;
       for (int64_t c = c0; c < c1; ++c) finish_moments(channel[c], &mean[c], &var[c]);
       scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
       std::copy(mean + c0, mean + c1, aligned_mean + c0);
-      barrier(threads);
-      normalize_share(k, p, args, t, threads, true);
+      tm.barrier();
+      normalize_share(k, p, args, tm.t, tm.threads, true);
     });
     if (!ok) return out_of_memory(fn, p.c);
     return succeed();
@@ -1455,8 +1493,8 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   const int64_t blocks = (p.c + block - 1) / block;
   nhwc_columns scratch(p);
   if (!scratch) return out_of_memory(fn, p.c);
-  run_threads(nt, [&](int t, int threads) {
-    const item_range r = share_of(blocks, t, threads);
+  run_threads(nt, [&](const team& tm) {
+    const item_range r = share_of(blocks, tm.t, tm.threads);
     for (int64_t b = r.begin; b < r.end; ++b) {
       const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
       const partial* total = scratch.reduce(k, x, c0, c1);
@@ -1678,14 +1716,14 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
     // region (as the forward training): each thread finishes the sums and
     // coefficients of its channel range, then, after a barrier, computes its
     // share of dx.
-    const bool ok = sums_phase(k, p, x, dy, mean, mask, nt, channel.get(), [&](int t, int threads) {
-      const item_range r = channels_of(p, t, threads);
+    const bool ok = sums_phase(k, p, x, dy, mean, mask, nt, channel.get(), [&](const team& tm) {
+      const item_range r = channels_of(p, tm.t, tm.threads);
       const int64_t c0 = r.begin, c1 = r.end;
       k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
       for (int64_t c = c0; c < c1; ++c) coefficients.finish(c, channel[c], dgamma, dbeta);
       std::copy(mean + c0, mean + c1, aligned_mean + c0);
-      barrier(threads);
-      apply_share(k, p, args, t, threads, true);
+      tm.barrier();
+      apply_share(k, p, args, tm.t, tm.threads, true);
     });
     if (!ok) return out_of_memory(fn, p.c);
     return succeed();
@@ -1713,8 +1751,8 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   // 5-8% less (32x64x112x112, 32x256x56x56); 32x512x28x28 (200 KB blocks)
   // took 35% more without them. (Session 9.)
   const bool ahead = block * p.count * 2 * static_cast<int64_t>(sizeof(float)) <= l2_bytes() / 4;
-  run_threads(nt, [&](int t, int threads) {
-    const item_range r = share_of(blocks, t, threads);
+  run_threads(nt, [&](const team& tm) {
+    const item_range r = share_of(blocks, tm.t, tm.threads);
     for (int64_t b = r.begin; b < r.end; ++b) {
       const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
       k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
