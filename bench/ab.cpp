@@ -115,7 +115,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr,
                  "usage: %s [--offset=BYTES] LIB [LIB...] PROBLEM nchw|nhwc "
                  "fwd_training|fwd_training_relu|fwd_inference|fwd_inference_relu|backward|"
-                 "backward_relu|backward_reduce|"
+                 "backward_relu|backward_reduce|backward_reduce_relu|"
                  "backward_apply|moments\n",
                  argv[0]);
     return 2;
@@ -180,9 +180,11 @@ int main(int argc, char** argv) {
     else if (op == "fwd_training" || op == "fwd_training_relu")
       s = l.training(&shape, 1e-5f, op == "fwd_training" ? 0u : unsigned(BNORM_FUSE_RELU), x,
                      gamma.data(), beta.data(), y, mean.data(), var.data(), mask.data());
-    else if (op == "backward_reduce")
-      s = l.backward_reduce(&shape, 1e-5f, 0, x, dy, mean.data(), var.data(), nullptr,
-                            sum_dy.data(), sum_dy_xhat.data());
+    else if (op == "backward_reduce" || op == "backward_reduce_relu")
+      s = l.backward_reduce(&shape, 1e-5f, op == "backward_reduce" ? 0u : unsigned(BNORM_FUSE_RELU),
+                            x, dy, mean.data(), var.data(),
+                            op == "backward_reduce" ? nullptr : mask.data(), sum_dy.data(),
+                            sum_dy_xhat.data());
     else if (op == "backward_apply")
       s = l.backward_apply(&shape, 1e-5f, 0, x, dy, gamma.data(), mean.data(), var.data(), nullptr,
                            sum_dy.data(), sum_dy_xhat.data(), n * spatial, dx);
@@ -201,7 +203,7 @@ int main(int argc, char** argv) {
   };
 
   // backward_relu's mask: the ReLU forward of the first library (not `read`).
-  if (op == "backward_relu") {
+  if (op == "backward_relu" || op == "backward_reduce_relu") {
     const auto first = std::find_if(libs.begin(), libs.end(),
                                     [](const library& l) { return l.training != nullptr; });
     if (first == libs.end() ||

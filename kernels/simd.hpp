@@ -149,6 +149,13 @@ inline uint32_t to_bits(vmask<A> m) {
   }
 }
 
+// Makes v's value opaque to the compiler: whatever computed it stays
+// computed into a register, and is not folded into the instructions that use it.
+template <class A>
+inline void opaque(vfloat<A>& v) {
+  asm("" : "+v"(v.data));
+}
+
 // Bit i -> lane i of the mask.
 template <class A>
 inline vmask<A> from_bits(uint32_t bits) {
@@ -172,6 +179,23 @@ inline uint32_t load_bits(const uint8_t* mask, int64_t pos, int k) {
   uint32_t v = 0;
   for (int i = 0; i < nbytes; ++i) v |= static_cast<uint32_t>(p[i]) << (8 * i);
   return (v >> shift) & ((1u << k) - 1u);
+}
+
+// The W mask bits (a whole vector's: W = 8 or 16) from bit `pos`, without
+// a branch: the W / 8 bytes from pos's, then the next byte when the bits
+// start inside a byte, else the last one again (its bits shifted out), so
+// only bytes that hold the bits are read. load_bits' loop over a count of
+// bytes made GCC 12 keep the NHWC column groups' accumulators in memory, a
+// store and a load on each add's chain (session 15).
+template <int W>
+inline uint32_t load_vector_bits(const uint8_t* mask, int64_t pos) {
+  static_assert(W == 8 || W == 16, "a whole number of bytes, at most two");
+  const uint8_t* p = mask + (pos >> 3);
+  const int shift = static_cast<int>(pos & 7);
+  uint32_t v = 0;
+  for (int i = 0; i < W / 8; ++i) v |= static_cast<uint32_t>(p[i]) << (8 * i);
+  v |= static_cast<uint32_t>(p[W / 8 - 1 + (shift != 0)]) << W;
+  return (v >> shift) & ((1u << W) - 1u);
 }
 
 // Writes the mask bits of one run of consecutive elements, in order. Bytes
