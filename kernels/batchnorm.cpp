@@ -70,16 +70,24 @@ constexpr int64_t kChunkRows = 256;
 // nhwc_item_moments).
 constexpr int64_t kMaxSlices = 64;
 // Below this many bytes per thread (of traffic: inputs and outputs), another
-// thread costs more than it saves. On Zen 4 (session 7) two threads took
-// 20-37% less time than one on 1x512x7x7 (200-300 KB of traffic), and the
-// threshold was 64 KiB. On Zen 5 (session 15; bnorm-run --threads=1|2,
-// alternated processes, NHWC unless stated) one thread is the faster up to
-// about 400 KB of traffic: 1x512x7x7 inference 3.4 vs 5.4 us (NCHW 3.8 vs
-// 5.4), training 9.2 vs 11.2, backward 10.6 vs 13.4; at 1x256x14x14
-// (400-600 KB) a tie but for NCHW inference (3.9 vs 5.2-5.5); from 800 KB
-// two win (1x2048x7x7 training 21 vs 23 us, backward 29 vs 39;
-// 1x128x28x28 inference 8.2 vs 9.0).
-constexpr int64_t kBytesPerThread = 256 * 1024;
+// thread costs more than it saves: kBytesPerThread for the operations with a
+// reduction, kStreamBytesPerThread for the elementwise passes alone
+// (inference, backward apply), which do less per byte. On Zen 4 (session 7)
+// two threads took 20-37% less time than one on 1x512x7x7 and the threshold
+// was 64 KiB. On Zen 5, once one thread ran outside OpenMP and the barriers
+// spun (session 16: run_threads, spin_barrier), one thread against two
+// (bnorm-run --threads=1 and a build that always takes two, best of 3 x
+// 2000 calls; time of two / time of one):
+//   tensor S  shape            training     inference    backward
+//   200 KB   1x256x14x14      1.60 / 1.08  2.53 / 1.40  1.84 / 0.94  (NHWC / NCHW)
+//   256 KB   256x256          1.12 / 1.06  1.48 / 1.51  1.08 / 1.10
+//   400 KB   1x128x28x28      0.87 / 0.71  1.33 / 1.21  0.63 / 0.66
+//   400 KB   1x2048x7x7       1.18 / 0.67  2.10 / 1.02  1.12 / 0.64
+//   800 KB   1x64x56x56       0.94 / 0.56  0.76 / 0.55  0.76 / 0.57
+// Training moves 2S, backward 3S, inference 2S: two threads from 768 KiB
+// of traffic with a reduction and from 1 MiB without one.
+constexpr int64_t kBytesPerThread = 384 * 1024;
+constexpr int64_t kStreamBytesPerThread = 512 * 1024;
 
 struct plan {
   int64_t c, spatial;
@@ -322,8 +330,8 @@ bool stream_for(int64_t bytes) { return bytes > cache_bytes(); }
 // fit in the cache together (the forward's test for streaming stores).
 bool far(const plan& p) { return stream_for(2 * p.count * p.c * static_cast<int64_t>(sizeof(float))); }
 
-int threads_for(int64_t bytes) {
-  const int64_t useful = bytes / kBytesPerThread;
+int threads_for(int64_t bytes, int64_t per_thread = kBytesPerThread) {
+  const int64_t useful = bytes / per_thread;
   const int max_threads = omp_get_max_threads();
   return useful < 1 ? 1 : (useful < max_threads ? static_cast<int>(useful) : max_threads);
 }
@@ -1378,7 +1386,7 @@ void normalize_op(const bnorm_shape* shape, float eps, unsigned flags, const flo
   const int64_t bytes = 2 * total * static_cast<int64_t>(sizeof(float));
   const normalize_args args{x,     y, aligned_mean, scale, shift, (flags & BNORM_FUSE_RELU) != 0,
                             relu_mask, stream_for(bytes)};
-  normalize_phase(kernels(), p, args, threads_for(bytes));
+  normalize_phase(kernels(), p, args, threads_for(bytes, kStreamBytesPerThread));
 }
 
 // dx from the per-channel sum(dy), sum(dy * xhat) over `count` values.
@@ -1406,7 +1414,7 @@ void apply_op(const bnorm_shape* shape, unsigned flags, const float* x, const fl
                         coefficients.c,
                         (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr,
                         stream_for(bytes)};
-  apply_phase(kernels(), p, args, threads_for(bytes));
+  apply_phase(kernels(), p, args, threads_for(bytes, kStreamBytesPerThread));
 }
 
 // BNORM_FUSE_RELU needs the mask, unless the tensor is empty (see
