@@ -21,7 +21,8 @@
 // fwd_inference_relu, backward, backward_relu (mask from the first
 // library's ReLU forward), moments (bnorm_moments alone), backward_reduce
 // and backward_apply (the two halves of backward, each compared with the
-// copy of backward's traffic).
+// copy of backward's traffic), backward_reduce_relu and backward_apply_relu
+// (the same with the ReLU mask).
 // A LIB named `read` is no library: it reads x (and for the backward
 // operations dy) once, for the reading speed of the same run.
 #include <dlfcn.h>
@@ -116,7 +117,7 @@ int main(int argc, char** argv) {
                  "usage: %s [--offset=BYTES] LIB [LIB...] PROBLEM nchw|nhwc "
                  "fwd_training|fwd_training_relu|fwd_inference|fwd_inference_relu|backward|"
                  "backward_relu|backward_reduce|backward_reduce_relu|"
-                 "backward_apply|moments\n",
+                 "backward_apply|backward_apply_relu|moments\n",
                  argv[0]);
     return 2;
   }
@@ -185,9 +186,11 @@ int main(int argc, char** argv) {
                             x, dy, mean.data(), var.data(),
                             op == "backward_reduce" ? nullptr : mask.data(), sum_dy.data(),
                             sum_dy_xhat.data());
-    else if (op == "backward_apply")
-      s = l.backward_apply(&shape, 1e-5f, 0, x, dy, gamma.data(), mean.data(), var.data(), nullptr,
-                           sum_dy.data(), sum_dy_xhat.data(), n * spatial, dx);
+    else if (op == "backward_apply" || op == "backward_apply_relu")
+      s = l.backward_apply(&shape, 1e-5f, op == "backward_apply" ? 0u : unsigned(BNORM_FUSE_RELU),
+                           x, dy, gamma.data(), mean.data(), var.data(),
+                           op == "backward_apply" ? nullptr : mask.data(), sum_dy.data(),
+                           sum_dy_xhat.data(), n * spatial, dx);
     else if (op == "backward" || op == "backward_relu")
       s = l.backward(&shape, 1e-5f, op == "backward" ? 0u : unsigned(BNORM_FUSE_RELU), x, dy,
                      gamma.data(), mean.data(), var.data(), mask.data(), dx, dgamma.data(),
@@ -203,7 +206,7 @@ int main(int argc, char** argv) {
   };
 
   // backward_relu's mask: the ReLU forward of the first library (not `read`).
-  if (op == "backward_relu" || op == "backward_reduce_relu") {
+  if (op == "backward_relu" || op == "backward_reduce_relu" || op == "backward_apply_relu") {
     const auto first = std::find_if(libs.begin(), libs.end(),
                                     [](const library& l) { return l.training != nullptr; });
     if (first == libs.end() ||
