@@ -168,6 +168,9 @@ int main(int argc, char** argv) {
   std::vector<uint8_t> mask(static_cast<size_t>(total / 8 + 1));
   const bnorm_shape shape{n, c, spatial, layout_name == "nhwc" ? BNORM_NHWC : BNORM_NCHW};
 
+  const bool relu = op.size() > 5 && op.compare(op.size() - 5, 5, "_relu") == 0;
+  const unsigned relu_flags = relu ? unsigned(BNORM_FUSE_RELU) : 0u;
+  uint8_t* const relu_mask = relu ? mask.data() : nullptr;
   auto call = [&](const library& l) {
     bnorm_status s = BNORM_SUCCESS;
     if (!l.moments) {
@@ -182,15 +185,11 @@ int main(int argc, char** argv) {
       s = l.training(&shape, 1e-5f, op == "fwd_training" ? 0u : unsigned(BNORM_FUSE_RELU), x,
                      gamma.data(), beta.data(), y, mean.data(), var.data(), mask.data());
     else if (op == "backward_reduce" || op == "backward_reduce_relu")
-      s = l.backward_reduce(&shape, 1e-5f, op == "backward_reduce" ? 0u : unsigned(BNORM_FUSE_RELU),
-                            x, dy, mean.data(), var.data(),
-                            op == "backward_reduce" ? nullptr : mask.data(), sum_dy.data(),
-                            sum_dy_xhat.data());
+      s = l.backward_reduce(&shape, 1e-5f, relu_flags, x, dy, mean.data(), var.data(), relu_mask,
+                            sum_dy.data(), sum_dy_xhat.data());
     else if (op == "backward_apply" || op == "backward_apply_relu")
-      s = l.backward_apply(&shape, 1e-5f, op == "backward_apply" ? 0u : unsigned(BNORM_FUSE_RELU),
-                           x, dy, gamma.data(), mean.data(), var.data(),
-                           op == "backward_apply" ? nullptr : mask.data(), sum_dy.data(),
-                           sum_dy_xhat.data(), n * spatial, dx);
+      s = l.backward_apply(&shape, 1e-5f, relu_flags, x, dy, gamma.data(), mean.data(), var.data(),
+                           relu_mask, sum_dy.data(), sum_dy_xhat.data(), n * spatial, dx);
     else if (op == "backward" || op == "backward_relu")
       s = l.backward(&shape, 1e-5f, op == "backward" ? 0u : unsigned(BNORM_FUSE_RELU), x, dy,
                      gamma.data(), mean.data(), var.data(), mask.data(), dx, dgamma.data(),
@@ -206,7 +205,7 @@ int main(int argc, char** argv) {
   };
 
   // backward_relu's mask: the ReLU forward of the first library (not `read`).
-  if (op == "backward_relu" || op == "backward_reduce_relu" || op == "backward_apply_relu") {
+  if (backward && relu) {
     const auto first = std::find_if(libs.begin(), libs.end(),
                                     [](const library& l) { return l.training != nullptr; });
     if (first == libs.end() ||

@@ -198,7 +198,9 @@ struct item_range {
 };
 
 // Thread t's even, contiguous share of n items.
-item_range share_of(int64_t n, int t, int threads) { return {n * t / threads, n * (t + 1) / threads}; }
+item_range share_of(int64_t n, int t, int threads) {
+  return {n * t / threads, n * (t + 1) / threads};
+}
 
 // The channels that thread t of `threads` reduces in one slice, merges and
 // finishes.
@@ -330,7 +332,11 @@ bool stream_for(int64_t bytes) { return bytes > cache_bytes(); }
 // fit in the cache together (the forward's test for streaming stores).
 bool far(const plan& p) { return stream_for(2 * p.count * p.c * static_cast<int64_t>(sizeof(float))); }
 
-int threads_for(int64_t bytes, int64_t per_thread = kBytesPerThread) {
+// Called from inside an active parallel region that may not nest another,
+// one thread: a region there would be a team of one, and its cost (below,
+// run_threads) for nothing.
+int threads_for(int64_t bytes, int64_t per_thread) {
+  if (omp_get_active_level() >= omp_get_max_active_levels()) return 1;
   const int64_t useful = bytes / per_thread;
   const int max_threads = omp_get_max_threads();
   return useful < 1 ? 1 : (useful < max_threads ? static_cast<int>(useful) : max_threads);
@@ -352,23 +358,27 @@ class spin_barrier {
       generation_.fetch_add(1, std::memory_order_release);
       return;
     }
-    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
-      if (spins < kSpins)
-        pause();
-      else
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation;) {
+      if (spins < kSpins) {
+        ++spins;
+        cpu_relax();
+      } else {
         std::this_thread::yield();
+      }
     }
   }
 
  private:
   static constexpr int kSpins = 4096;
-  static void pause() {
+  static void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
 #endif
   }
-  std::atomic<int> arrived_{0};
-  std::atomic<unsigned> generation_{0};
+  // Each on a line of its own: the waiters read generation_ while the
+  // others arrive.
+  alignas(64) std::atomic<int> arrived_{0};
+  alignas(64) std::atomic<unsigned> generation_{0};
 };
 
 // Thread t of `threads` running one parallel body, and their barrier.
@@ -388,7 +398,10 @@ struct team {
 template <class Body>
 void run_threads(int nt, Body&& body) {
   spin_barrier sync;
-  if (nt <= 1) return body(team{0, 1, &sync});
+  if (nt <= 1) {
+    body(team{0, 1, &sync});
+    return;
+  }
 #pragma omp parallel num_threads(nt)
   body(team{omp_get_thread_num(), omp_get_num_threads(), &sync});
 }
@@ -900,7 +913,7 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
   run_threads(nt, [&](const team& tm) {
     const int t = tm.t, threads = tm.threads;
     if (p.nhwc) {
-      const nhwc_work work(p, nt);
+      const nhwc_work work(p, threads);  // as the elementwise passes' (elementwise_share)
       const item_range r = work.share(t, threads);
       for (int64_t i = r.begin; i < r.end; ++i) {
         const nhwc_item it = work.item(i);
@@ -1465,7 +1478,7 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
 
   const plan p = make_plan(*shape);
   const kernel_table& k = kernels();
-  const int nt = threads_for(2 * total * static_cast<int64_t>(sizeof(float)));
+  const int nt = threads_for(2 * total * static_cast<int64_t>(sizeof(float)), kBytesPerThread);
   const int64_t block = p.nhwc ? nhwc_fused_block(p, nt) : 0;
   coefficient_scratch coef(kNormalizeScratch * p.c, y);
   if (!coef) return out_of_memory(fn, p.c);
@@ -1564,9 +1577,10 @@ bnorm_status bnorm_moments(const bnorm_shape* shape, const float* x, double* mea
   if (!channel) return out_of_memory(fn, p.c);
   if (total == 0) {
     for (int64_t c = 0; c < p.c; ++c) channel[c] = {{0, 0}, 0};
-  } else if (!moments_phase(kernels(), p, x,
-                            threads_for(total * static_cast<int64_t>(sizeof(float))),
-                            channel.get())) {
+  } else if (!moments_phase(
+                 kernels(), p, x,
+                 threads_for(total * static_cast<int64_t>(sizeof(float)), kBytesPerThread),
+                 channel.get())) {
     return out_of_memory(fn, p.c);
   }
   for (int64_t c = 0; c < p.c; ++c) {
@@ -1628,10 +1642,10 @@ bnorm_status bnorm_backward_reduce(const bnorm_shape* shape, float eps, unsigned
   if (!channel || !invstd) return out_of_memory(fn, p.c);
   if (total == 0) {
     for (int64_t c = 0; c < p.c; ++c) channel[c] = {0, 0};
-  } else if (!sums_phase(kernels(), p, x, dy, mean,
-                         (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr,
-                         threads_for(2 * total * static_cast<int64_t>(sizeof(float))),
-                         channel.get())) {
+  } else if (!sums_phase(
+                 kernels(), p, x, dy, mean, (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr,
+                 threads_for(2 * total * static_cast<int64_t>(sizeof(float)), kBytesPerThread),
+                 channel.get())) {
     return out_of_memory(fn, p.c);
   }
   kernels().invstd(var, eps, p.c, invstd.get());
@@ -1703,7 +1717,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
 
   const plan p = make_plan(*shape);
   const kernel_table& k = kernels();
-  const int nt = threads_for(3 * total * static_cast<int64_t>(sizeof(float)));
+  const int nt = threads_for(3 * total * static_cast<int64_t>(sizeof(float)), kBytesPerThread);
   const bool need_sums = total > 0 && (!global || dgamma || dbeta);
   const uint8_t* mask = relu ? relu_mask : nullptr;
   auto channel = allocate<sums>(p.c);

@@ -26,9 +26,9 @@ namespace kernels_for {
 using simd::bit_writer;
 using simd::from_bits;
 using simd::load_bits;
-using simd::opaque;
 using simd::madd;
 using simd::madd1;
+using simd::opaque;
 using simd::to_bits;
 
 // ---------------------------------------------------------------------------
@@ -702,12 +702,16 @@ inline simd::vfloat<A> masked(simd::vfloat<A> g, const uint8_t* mask, int64_t in
   using V = simd::vfloat<A>;
   uint32_t bits = 0;
   constexpr int W = static_cast<int>(V::size);
-  if (Mode == relu_mode::bytes && n == W)
-    std::memcpy(&bits, mask + index / 8, W / 8);
-  else if constexpr (W % 8 == 0)
-    bits = n == W ? simd::load_vector_bits<W>(mask, index) : load_bits(mask, index, static_cast<int>(n));
-  else
+  if constexpr (W % 8 != 0) {  // SSE2: never bytes mode (whole_mask_bytes)
     bits = load_bits(mask, index, static_cast<int>(n));
+  } else {
+    if (n != W)
+      bits = load_bits(mask, index, static_cast<int>(n));
+    else if (Mode == relu_mode::bytes)
+      std::memcpy(&bits, mask + index / 8, W / 8);
+    else
+      bits = simd::load_vector_bits<W>(mask, index);
+  }
   // g whole in a register first: else GCC folds its load and the select
   // into a masked load (vmovups with {k}{z}), and on Zen 5 a stream of
   // masked loads from memory runs at half the rate of plain ones (NHWC
@@ -1209,6 +1213,7 @@ void backward_reduce_columns(const float* x, const float* dy, region r, int64_t 
         prefetch_group<A, Q>(dy + at);
       }
       // Unrolled whole, or GCC 12 keeps s0 and s1 in memory (Q = 8 with ReLU).
+      static_assert(Q <= 8, "the pragma unrolls up to 8");
 #pragma GCC unroll 8
       for (int q = 0; q < Q; ++q) {
         V g = V::load_unaligned(dy + at + q * W);

@@ -501,17 +501,22 @@ TEST(Robustness, DeterministicAcrossThreadCounts) {
     }
 }
 
+struct OmpLevelsGuard {
+  int saved = omp_get_max_active_levels();
+  ~OmpLevelsGuard() { omp_set_max_active_levels(saved); }
+};
+
 // Calls from inside the caller's own parallel region: every thread of a team of four runs its
 // own problems, with nested parallelism off (each call then runs on one thread, and its
 // barriers must not bind to the caller's team) and on (each call a team of its own inside the
 // caller's). The results are those of a lone call. Shapes below and above the size that takes
-// a second thread, both layouts.
+// a second thread, both layouts; 1x2048x49 NHWC has the threads split its columns.
 TEST(Robustness, CallsFromInsideAParallelRegion) {
   OmpThreadsGuard guard;
-  const int saved_levels = omp_get_max_active_levels();
+  OmpLevelsGuard levels_guard;
   struct {
     int64_t n, c, s;
-  } shapes[] = {{3, 5, 33}, {4, 64, 1024}, {2, 70, 1500}};
+  } shapes[] = {{3, 5, 33}, {4, 64, 1024}, {2, 70, 1500}, {1, 2048, 49}};
   std::vector<Problem> problems;
   std::vector<Outputs> alone;
   omp_set_num_threads(2);
@@ -531,17 +536,17 @@ TEST(Robustness, CallsFromInsideAParallelRegion) {
       const int t = omp_get_thread_num();
       for (int i = 0; i < count; ++i) {
         const int j = (i + t) % count;  // callers on different problems at once
-        got[static_cast<size_t>(t * count + j)] = run_all(problems[static_cast<size_t>(j)], Offsets{});
+        got[static_cast<size_t>(t * count + j)] =
+            run_all(problems[static_cast<size_t>(j)], Offsets{});
       }
     }
     for (int t = 0; t < kCallers; ++t)
       for (int j = 0; j < count; ++j)
-        expect_identical(alone[static_cast<size_t>(j)], got[static_cast<size_t>(t * count + j)],
-                         problems[static_cast<size_t>(j)].sh,
-                         "caller " + std::to_string(t) + ", max active levels " +
-                             std::to_string(levels));
+        expect_identical(
+            alone[static_cast<size_t>(j)], got[static_cast<size_t>(t * count + j)],
+            problems[static_cast<size_t>(j)].sh,
+            "caller " + std::to_string(t) + ", max active levels " + std::to_string(levels));
   }
-  omp_set_max_active_levels(saved_levels);
 }
 
 // The outputs of run_all from the split-phase API with one set of moments and sums:
