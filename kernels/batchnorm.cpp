@@ -1068,14 +1068,18 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
 }
 
 // The elementwise passes. NHWC: each thread takes the chunks of the same
-// items it reduced (nhwc_work::share); after a reduction in the same call it
-// walks them backwards, so that it first rereads what the reduction read
-// last, which is still in cache when the tensor is larger than the cache.
-// Without one (inference, the split-phase normalize and apply) it walks
-// forwards: chunks backwards cost the hardware prefetcher, which runs on
-// past the end of every chunk, and NHWC inference of 32x64x112x112 took
-// 12-20% longer, 128x64x112x112 6-7% (session 9). NCHW: runs in memory
-// order.
+// items it reduced (nhwc_work::share); after a reduction in the same call,
+// on a tensor that fits in the cache with its output, it walks them
+// backwards, so that it first rereads what the reduction read last.
+// Otherwise (inference, the split-phase normalize and apply, tensors beyond
+// the cache) it walks forwards: chunks backwards cost the hardware
+// prefetcher, which runs on past the end of every chunk, and NHWC inference
+// of 32x64x112x112 took 12-20% longer, 128x64x112x112 6-7% (session 9). On
+// Zen 5 beyond the cache the reread part was worth less than that cost:
+// forwards, NHWC backward 128x64x56x56 -9..-13%, 32x64x56x56 -19%,
+// 128x128x28x28 -11%, forward training 32x256x56x56 -12..-17%,
+// 65536x256 -10% (bnorm_ab both orders; 32x1024x14x14 backward +4%,
+// session 16). NCHW: runs in memory order.
 //
 // NHWC tensors whose reduction the threads split by columns (too few slices,
 // see nhwc_work) keep the columns here only when every block is a whole
@@ -1114,7 +1118,7 @@ void elementwise_share(const plan& p, int t, int threads, bool after_reduction, 
     const int64_t at = nhwc_part(p, it, ch, &part_region);
     part(at, part_region, it.c0);
   };
-  if (!after_reduction) {
+  if (!after_reduction || far(p)) {  // forwards
     for (int64_t i = r.begin; i < r.end; ++i) {
       const nhwc_item it = work.item(i);
       for (int64_t ch = slice_begin(p, it.slice); ch < slice_begin(p, it.slice + 1); ++ch)
