@@ -179,11 +179,11 @@ int main(int argc, char** argv) {
       (void)sink;
     } else if (op == "moments") s = l.moments(&shape, x, dmean.data(), m2.data());
     else if (op == "fwd_inference" || op == "fwd_inference_relu")
-      s = l.inference(&shape, 1e-5f, op == "fwd_inference" ? 0u : unsigned(BNORM_FUSE_RELU), x,
-                      gamma.data(), beta.data(), mean.data(), var.data(), y);
+      s = l.inference(&shape, 1e-5f, relu_flags, x, gamma.data(), beta.data(), mean.data(),
+                      var.data(), y);
     else if (op == "fwd_training" || op == "fwd_training_relu")
-      s = l.training(&shape, 1e-5f, op == "fwd_training" ? 0u : unsigned(BNORM_FUSE_RELU), x,
-                     gamma.data(), beta.data(), y, mean.data(), var.data(), mask.data());
+      s = l.training(&shape, 1e-5f, relu_flags, x, gamma.data(), beta.data(), y, mean.data(),
+                     var.data(), mask.data());
     else if (op == "backward_reduce" || op == "backward_reduce_relu")
       s = l.backward_reduce(&shape, 1e-5f, relu_flags, x, dy, mean.data(), var.data(), relu_mask,
                             sum_dy.data(), sum_dy_xhat.data());
@@ -191,9 +191,8 @@ int main(int argc, char** argv) {
       s = l.backward_apply(&shape, 1e-5f, relu_flags, x, dy, gamma.data(), mean.data(), var.data(),
                            relu_mask, sum_dy.data(), sum_dy_xhat.data(), n * spatial, dx);
     else if (op == "backward" || op == "backward_relu")
-      s = l.backward(&shape, 1e-5f, op == "backward" ? 0u : unsigned(BNORM_FUSE_RELU), x, dy,
-                     gamma.data(), mean.data(), var.data(), mask.data(), dx, dgamma.data(),
-                     dbeta.data());
+      s = l.backward(&shape, 1e-5f, relu_flags, x, dy, gamma.data(), mean.data(), var.data(),
+                     mask.data(), dx, dgamma.data(), dbeta.data());
     else {
       std::fprintf(stderr, "bnorm_ab: unknown operation %s\n", op.c_str());
       std::exit(2);

@@ -406,6 +406,16 @@ void run_threads(int nt, Body&& body) {
   body(team{omp_get_thread_num(), omp_get_num_threads(), &sync});
 }
 
+// Runs f(i) for i in [0, n) on up to nt threads, each thread an even,
+// contiguous share (as `omp parallel for schedule(static)`).
+template <class F>
+void parallel_for(int nt, int64_t n, F f) {
+  run_threads(nt, [&](const team& tm) {
+    const item_range r = share_of(n, tm.t, tm.threads);
+    for (int64_t i = r.begin; i < r.end; ++i) f(i);
+  });
+}
+
 // ---------------------------------------------------------------------------
 // Moments: merging and their use.
 
@@ -1101,14 +1111,16 @@ void elementwise_share(const plan& p, int t, int threads, bool after_reduction, 
                        Part part) {
   if (!p.nhwc) {
     const int64_t items = elementwise_items(p);
-    for (int64_t i = items * t / threads; i < items * (t + 1) / threads; ++i) run(i);
+    const item_range r = share_of(items, t, threads);
+    for (int64_t i = r.begin; i < r.end; ++i) run(i);
     return;
   }
   const nhwc_work work(p, threads);
   if (work.blocks > 1 && work.narrowest() < kPageFloats) {
     const int64_t units = (p.rows + kSplitRows - 1) / kSplitRows;
-    const int64_t r0 = std::min(p.rows, units * t / threads * kSplitRows);
-    const int64_t r1 = std::min(p.rows, units * (t + 1) / threads * kSplitRows);
+    const item_range u = share_of(units, t, threads);
+    const int64_t r0 = std::min(p.rows, u.begin * kSplitRows);
+    const int64_t r1 = std::min(p.rows, u.end * kSplitRows);
     if (r1 > r0) part(r0 * p.c, region{r1 - r0, p.c, p.c}, 0);
     return;
   }
@@ -1518,17 +1530,14 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   const int64_t blocks = (p.c + block - 1) / block;
   nhwc_columns scratch(p);
   if (!scratch) return out_of_memory(fn, p.c);
-  run_threads(nt, [&](const team& tm) {
-    const item_range r = share_of(blocks, tm.t, tm.threads);
-    for (int64_t b = r.begin; b < r.end; ++b) {
-      const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
-      const partial* total = scratch.reduce(k, x, c0, c1);
-      for (int64_t c = c0; c < c1; ++c) finish_moments(total[c], &mean[c], &var[c]);
-      scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
-      std::copy(mean + c0, mean + c1, aligned_mean + c0);
-      k.normalize_nhwc(x + c0, y + c0, {p.rows, c1 - c0, p.c}, aligned_mean + c0, scale + c0,
-                       shift + c0, {relu, relu_mask, c0}, args.stream);
-    }
+  parallel_for(nt, blocks, [&](int64_t b) {
+    const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
+    const partial* total = scratch.reduce(k, x, c0, c1);
+    for (int64_t c = c0; c < c1; ++c) finish_moments(total[c], &mean[c], &var[c]);
+    scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
+    std::copy(mean + c0, mean + c1, aligned_mean + c0);
+    k.normalize_nhwc(x + c0, y + c0, {p.rows, c1 - c0, p.c}, aligned_mean + c0, scale + c0,
+                     shift + c0, {relu, relu_mask, c0}, args.stream);
   });
   return succeed();
 }
@@ -1777,26 +1786,23 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   // 5-8% less (32x64x112x112, 32x256x56x56); 32x512x28x28 (200 KB blocks)
   // took 35% more without them. (Session 9.)
   const bool ahead = block * p.count * 2 * static_cast<int64_t>(sizeof(float)) <= l2_bytes() / 4;
-  run_threads(nt, [&](const team& tm) {
-    const item_range r = share_of(blocks, tm.t, tm.threads);
-    for (int64_t b = r.begin; b < r.end; ++b) {
-      const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
-      k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
-      auto done = [&](int64_t c, const sums& acc) { coefficients.finish(c, acc, dgamma, dbeta); };
-      if (need_sums) {
-        nchw_sums(k, p, x, dy, mean, mask, c0, c1, false, done);
-      } else {
-        for (int64_t c = c0; c < c1; ++c) done(c, sums{0, 0});
+  parallel_for(nt, blocks, [&](int64_t b) {
+    const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
+    k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
+    auto done = [&](int64_t c, const sums& acc) { coefficients.finish(c, acc, dgamma, dbeta); };
+    if (need_sums) {
+      nchw_sums(k, p, x, dy, mean, mask, c0, c1, false, done);
+    } else {
+      for (int64_t c = c0; c < c1; ++c) done(c, sums{0, 0});
+    }
+    for (int64_t n = 0; n < p.rows; ++n) {
+      if (ahead && c1 < p.c) {
+        const block_part next = image_part(p, n, c1, std::min(p.c, c1 + block));
+        prefetch_floats(x + next.at, next.count);
+        prefetch_floats(dy + next.at, next.count);
       }
-      for (int64_t n = 0; n < p.rows; ++n) {
-        if (ahead && c1 < p.c) {
-          const block_part next = image_part(p, n, c1, std::min(p.c, c1 + block));
-          prefetch_floats(x + next.at, next.count);
-          prefetch_floats(dy + next.at, next.count);
-        }
-        const block_part part = image_part(p, n, c0, c1);
-        apply_run(k, p, args, part.at, part.count);
-      }
+      const block_part part = image_part(p, n, c0, c1);
+      apply_run(k, p, args, part.at, part.count);
     }
   });
   return succeed();
