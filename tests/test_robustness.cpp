@@ -10,6 +10,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bnorm_tester.hpp"
@@ -547,6 +548,30 @@ TEST(Robustness, CallsFromInsideAParallelRegion) {
             problems[static_cast<size_t>(j)].sh,
             "caller " + std::to_string(t) + ", max active levels " + std::to_string(levels));
   }
+}
+
+// Each calling thread keeps its scratch blocks for its next calls (kernels/batchnorm.cpp,
+// scratch_cache). A call that reuses the blocks of calls on other problems, full of their
+// values, gives the bits of the same call in a new thread; so does each problem's second call.
+TEST(Robustness, ReusedScratchGivesTheSameBits) {
+  struct {
+    int64_t n, c, s;
+  } shapes[] = {{8, 2048, 49}, {3, 5, 33}, {2, 70, 1500}, {600, 77, 1}, {4, 64, 1024}};
+  std::vector<Problem> problems;
+  for (bnorm_layout layout : kLayouts)
+    for (auto& t : shapes)
+      problems.push_back(make_problem(bnorm_shape{t.n, t.c, t.s, layout},
+                                      9800 + static_cast<int>(problems.size())));
+  const size_t count = problems.size();
+  std::vector<Outputs> fresh(count), reused(2 * count);
+  for (size_t j = 0; j < count; ++j)
+    std::thread([&] { fresh[j] = run_all(problems[j], Offsets{}); }).join();
+  std::thread([&] {
+    for (size_t i = 0; i < 2 * count; ++i) reused[i] = run_all(problems[i % count], Offsets{});
+  }).join();
+  for (size_t i = 0; i < 2 * count; ++i)
+    expect_identical(fresh[i % count], reused[i], problems[i % count].sh,
+                     "call " + std::to_string(i) + " of one thread");
 }
 
 // The outputs of run_all from the split-phase API with one set of moments and sums:
