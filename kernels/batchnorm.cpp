@@ -727,54 +727,11 @@ void nchw_moments(const kernel_table& k, const plan& p, const float* x, int64_t 
 // times a read of x and dy; with the requests -8..-14% (also 40x2048x7x7;
 // the whole backward, whose apply leaves part of x and dy in the L3, +0%).
 // The moments (x alone) took 1.6 times a read of x there; not changed.
-//
-// NCHW planes of fewer than kShortPlaneFloats values (7x7, 14x14) in one
-// slice are summed image after image instead (nchw_plane_sums): a range
-// of channels is one run of every image, and the threads walk their runs
-// in memory order, as a read does. Per channel, the float sums of each
-// image's plane are added in double, images in order. Group by group, a
-// group's 16 short pieces of every image, 64 streams at batch 32, took
-// 2.5-3.2 times a read of x and dy on Zen 5 (session 17).
-constexpr int64_t kShortPlaneFloats = 256;
-bool short_planes(const plan& p) {
-  return !p.nhwc && p.spatial < kShortPlaneFloats && p.slices == 1 && p.count > 0;
-}
-// Channels per walk over the images: the run of each image that a walk
-// reads (50 KiB of 7x7 planes), and the walk's sums on the stack.
-constexpr int64_t kPlaneWalkChannels = 256;
-
-template <class Done>
-void nchw_plane_sums(const kernel_table& k, const plan& p, const float* x, const float* dy,
-                     const float* mean, const uint8_t* mask, int64_t c0, int64_t c1, Done done) {
-  const region plane{1, p.spatial, p.stride};
-  double acc_dy[kPlaneWalkChannels], acc_xmu[kPlaneWalkChannels];
-  double s0[kMaxWidth], s1[kMaxWidth];
-  for (int64_t b0 = c0; b0 < c1; b0 += kPlaneWalkChannels) {
-    const int64_t b1 = std::min(c1, b0 + kPlaneWalkChannels);
-    std::fill(acc_dy, acc_dy + (b1 - b0), 0.0);
-    std::fill(acc_xmu, acc_xmu + (b1 - b0), 0.0);
-    for (int64_t n = 0; n < p.rows; ++n)
-      for (int64_t g = b0; g < b1; g += k.width) {
-        const int64_t m = std::min(k.width, b1 - g), at = n * p.stride + g * p.spatial;
-        k.backward_reduce_nchw_group(x + at, dy + at, plane, m, p.spatial, mean + g, {mask, at}, s0,
-                                     s1);
-        for (int64_t j = 0; j < m; ++j) {
-          acc_dy[g - b0 + j] += s0[j];
-          acc_xmu[g - b0 + j] += s1[j];
-        }
-      }
-    for (int64_t c = b0; c < b1; ++c) done(c, sums{acc_dy[c - b0], acc_xmu[c - b0]});
-  }
-}
 
 template <class Done>
 void nchw_sums(const kernel_table& k, const plan& p, const float* x, const float* dy,
                const float* mean, const uint8_t* mask, int64_t c0, int64_t c1, bool ahead,
                Done done) {
-  if (short_planes(p)) {
-    nchw_plane_sums(k, p, x, dy, mean, mask, c0, c1, done);
-    return;
-  }
   if (grouped(p)) {
     region r;
     nchw_chunk(p, 0, &r);
@@ -986,6 +943,149 @@ struct nhwc_scratch {
   }
 };
 
+// NCHW planes of fewer than kShortPlaneFloats values (7x7, 14x14) in one
+// slice, at batches from kPlaneSumsRows or kPlaneMomentsRows on, are reduced image after image
+// (plane_walk): a group of W channels (a vector's width) is one run of
+// every image, seen as one row of a matrix whose columns are the group's
+// values; the rows are taken four at a time, as an NHWC reduction takes
+// its rows, with the columns' float sums in L1 (at most kPlaneRows rows per
+// sum), and a channel's column sums are then added in double. Reduced
+// channel by channel, with the sums of each channel's values in registers,
+// they took 2.2-3.2 times a read of x (and dy) on Zen 5; bnorm_ab, time of
+// the sums of x and dy (backward_reduce) before -> after, read 195-220 us
+// / 1.5-0.6 ms: 32x2048x7x7 760 -> 275 us, 128x2048x7x7 4.6 -> 1.75 ms,
+// 128x256x14x14 1.03 -> 0.78 ms; moments 128x2048x7x7 1.55 -> 0.98 ms,
+// 32x2048x7x7 237 -> 192 us. Groups of 64 channels (runs of 12.5 KiB per
+// image at 7x7, sums out of L1 at 14x14) took 10-20% longer (session 17).
+// At least kPlaneSumsRows images for the backward sums, kPlaneMomentsRows for
+// the moments, whose provisional means read the first images once more:
+// at batch 16 the moments took 25-60% longer as a walk than as groups
+// (16x2048x7x7 117 -> 147 us, 16x512x7x7 22 -> 34 us), at batch 32 the same
+// (7x7) or 15% longer (14x14), at 128 18-37% less (above).
+constexpr int64_t kShortPlaneFloats = 256;
+constexpr int64_t kPlaneSumsRows = 16;
+constexpr int64_t kPlaneMomentsRows = 64;
+constexpr int64_t kPlaneShiftValues = 128;
+constexpr int64_t kPlaneRows = 256;  // one float lane sums at most 256 values (docs/numerics.md)
+bool short_planes(const plan& p, int64_t min_rows) {
+  return !p.nhwc && p.spatial < kShortPlaneFloats && p.slices == 1 && p.rows >= min_rows;
+}
+
+// Per-thread scratch of the walks: a center per column, two float sums per column.
+struct plane_scratch {
+  buffer<float> block;
+  int64_t per_thread = 0;
+
+  bool allocate_for(const plan& p, int nt) {
+    per_thread = 3 * kMaxWidth * p.spatial;
+    block = allocate<float>(nt * per_thread);
+    return block != nullptr;
+  }
+  float* center(int t) const { return block.get() + t * per_thread; }
+  float* s1(int t) const { return center(t) + per_thread / 3; }
+  float* s2(int t) const { return center(t) + 2 * per_thread / 3; }
+};
+
+// The sum of n floats in double, four partial sums (one dependent chain of
+// 49 additions per channel and array cost as much time as the walk's data
+// at batch 32).
+double column_total(const float* s, int64_t n) {
+  double a[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int q = 0; q < 4; ++q) a[q] += s[i + q];
+  for (; i < n; ++i) a[i % 4] += s[i];
+  return (a[0] + a[1]) + (a[2] + a[3]);
+}
+
+// The walk over the channels [c0, c1) (c0 a multiple of the width; c1 too,
+// or the last channel): for each block of channels, center_of(c) gives each
+// channel's centre, then for each run of at most kPlaneRows images
+// columns(at, region, centers, s1, s2) sums the block's columns; finally
+// done(c, centre, d1, d2) takes each channel's column sums added in double.
+// The tensor's last channels that do not fill a vector's width go to tail(c).
+template <class Center, class Columns, class Done, class Tail>
+void plane_walk(const kernel_table& k, const plan& p, const plane_scratch& scratch, int t,
+                int64_t c0, int64_t c1, Center center_of, Columns columns, Done done, Tail tail) {
+  float* const center = scratch.center(t);
+  float* const s1 = scratch.s1(t);
+  float* const s2 = scratch.s2(t);
+  double d1[kMaxWidth], d2[kMaxWidth];
+  const int64_t whole = c0 + (c1 - c0) / k.width * k.width;
+  for (int64_t b0 = c0; b0 < whole; b0 += k.width) {
+    const int64_t b1 = std::min(whole, b0 + k.width);
+    for (int64_t c = b0; c < b1; ++c) {
+      const float v = center_of(c);
+      std::fill(center + (c - b0) * p.spatial, center + (c - b0 + 1) * p.spatial, v);
+      d1[c - b0] = d2[c - b0] = 0;
+    }
+    for (int64_t n0 = 0; n0 < p.rows; n0 += kPlaneRows) {
+      const region r{std::min(kPlaneRows, p.rows - n0), (b1 - b0) * p.spatial, p.stride};
+      columns(n0 * p.stride + b0 * p.spatial, r, center, s1, s2);
+      for (int64_t c = b0; c < b1; ++c) {
+        d1[c - b0] += column_total(s1 + (c - b0) * p.spatial, p.spatial);
+        d2[c - b0] += column_total(s2 + (c - b0) * p.spatial, p.spatial);
+      }
+    }
+    for (int64_t c = b0; c < b1; ++c) done(c, center[(c - b0) * p.spatial], d1[c - b0], d2[c - b0]);
+  }
+  for (int64_t c = whole; c < c1; ++c) tail(c);
+}
+
+// The moments of the channels [c0, c1) of short planes into out[c]. Each
+// channel's values are centred on a provisional mean, that of its first
+// images' planes (at least kPlaneShiftValues values: within sigma/11 of the
+// mean, were the values independent, as microkernels.hpp's kShiftValues); a channel whose centre is
+// not within sigma/sqrt(7) of its mean (the test of moments_nchw_shifted),
+// or whose sums are not finite, is reduced again as one slice.
+void nchw_plane_moments(const kernel_table& k, const plan& p, const float* x,
+                        const plane_scratch& scratch, int t, int64_t c0, int64_t c1, partial* out) {
+  const int64_t head = std::min(p.rows, (kPlaneShiftValues + p.spatial - 1) / p.spatial);
+  const region first{head, p.spatial, p.stride};
+  const double count = static_cast<double>(p.count);
+  moments m[kMaxWidth];
+  auto redo = [&](int64_t c) { out[c] = nchw_slice_moments(k, p, x + c * p.spatial, 0); };
+  plane_walk(
+      k, p, scratch, t, c0, c1,
+      [&](int64_t c) {
+        const int64_t j = (c - c0) % k.width;
+        if (j == 0)
+          k.moments_nchw_group(x + c * p.spatial, first, std::min(k.width, c1 - c), p.spatial, m);
+        return static_cast<float>(m[j].mean);
+      },
+      [&](int64_t at, region r, const float* center, float* s1, float* s2) {
+        k.plane_deviations(x + at, r, center, s1, s2);
+      },
+      [&](int64_t c, float center, double d1, double d2) {
+        if (std::isfinite(d1) && std::isfinite(d2) && 8.0 * d1 * d1 <= count * d2)
+          out[c] = partial{{center + d1 / count, std::max(0.0, d2 - d1 * d1 / count)}, count};
+        else
+          redo(c);
+      },
+      redo);
+}
+
+// The backward sums of the channels [c0, c1) of short planes into out[c];
+// a channel whose sums are not finite is summed again as one slice (in
+// double where its float sums overflow).
+void nchw_plane_sums(const kernel_table& k, const plan& p, const float* x, const float* dy,
+                     const float* mean, const uint8_t* mask, const plane_scratch& scratch, int t,
+                     int64_t c0, int64_t c1, sums* out) {
+  auto redo = [&](int64_t c) { out[c] = nchw_slice_sums(k, p, x, dy, c, mean[c], mask, 0); };
+  plane_walk(
+      k, p, scratch, t, c0, c1, [&](int64_t c) { return mean[c]; },
+      [&](int64_t at, region r, const float* center, float* s1, float* s2) {
+        k.plane_sums(x + at, dy + at, r, center, {mask, at}, s1, s2);
+      },
+      [&](int64_t c, float, double d1, double d2) {
+        if (std::isfinite(d1) && std::isfinite(d2))
+          out[c] = sums{d1, d2};
+        else
+          redo(c);
+      },
+      redo);
+}
+
 // One slice's results of c channels merged into the results of the slices
 // before it (a slice holds the same count of values in every channel:
 // merge_same_count, no division per channel; the bits of merge()).
@@ -1124,6 +1224,18 @@ void prefetch_ahead(const plan& p, const float* x, int64_t c, int64_t ch) {
 template <class Then>
 bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt, partial* out,
                    Then then) {
+  if (short_planes(p, kPlaneMomentsRows)) {
+    plane_scratch scratch;
+    if (!scratch.allocate_for(p, nt)) return false;
+    run_threads(nt, [&](const team& tm) {
+      const item_range r = share_of(groups(k, p), tm.t, tm.threads);
+      nchw_plane_moments(k, p, x, scratch, tm.t, std::min(p.c, r.begin * k.width),
+                         std::min(p.c, r.end * k.width), out);
+      tm.barrier();
+      then(tm);
+    });
+    return true;
+  }
   // Each NCHW channel's shift, from one chunk to the next (nchw_slice_moments),
   // when its chunks are reduced chunk row by chunk row.
   buffer<float> around;
@@ -1165,14 +1277,13 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
 template <class Then>
 bool sums_phase(const kernel_table& k, const plan& p, const float* x, const float* dy,
                 const float* mean, const uint8_t* mask, int nt, sums* out, Then then) {
-  if (short_planes(p)) {
-    // Each thread's range of whole groups (see grouped()), images in memory
-    // order (nchw_plane_sums).
+  if (short_planes(p, kPlaneSumsRows)) {
+    plane_scratch scratch;
+    if (!scratch.allocate_for(p, nt)) return false;
     run_threads(nt, [&](const team& tm) {
       const item_range r = share_of(groups(k, p), tm.t, tm.threads);
-      const int64_t c0 = std::min(p.c, r.begin * k.width), c1 = std::min(p.c, r.end * k.width);
-      nchw_plane_sums(k, p, x, dy, mean, mask, c0, c1,
-                      [&](int64_t c, const sums& acc) { out[c] = acc; });
+      nchw_plane_sums(k, p, x, dy, mean, mask, scratch, tm.t, std::min(p.c, r.begin * k.width),
+                      std::min(p.c, r.end * k.width), out);
       tm.barrier();
       then(tm);
     });
@@ -1398,7 +1509,7 @@ int64_t nchw_backward_block(const kernel_table& k, const plan& p, int nt) {
   // (nchw_plane_sums): blocks of a few channels read runs of a few KiB, and
   // 32x1024x14x14 (5 channels a block) took 2497 us against 1943 in phases,
   // 32x2048x7x7 1253 against 996 (bnorm_ab, session 17).
-  if (p.nhwc || short_planes(p) || (nt > 1 && p.c < 4 * nt)) return 0;
+  if (p.nhwc || short_planes(p, kPlaneSumsRows) || (nt > 1 && p.c < 4 * nt)) return 0;
   if (!stream_for((arrays + 1) * p.count * p.c * static_cast<int64_t>(sizeof(float)))) return 0;
   const int64_t per_channel = p.count * static_cast<int64_t>(sizeof(float)) * arrays;
   const int64_t fit = l2_bytes() / 4 / per_channel;

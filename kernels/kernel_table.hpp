@@ -104,6 +104,15 @@ struct kernel_table {
   void (*backward_reduce_nhwc)(const float* x, const float* dy, region r, const float* mean,
                                relu_bits_in relu, bool far, double* sum_dy, double* sum_dy_xmu);
 
+  // NCHW short planes walked as rows (the images) of columns (a range of
+  // channels' values), rows in memory order; r.cols a multiple of width,
+  // s1 and s2 r.cols floats, 64-byte aligned, overwritten with column sums:
+  // d = x - center[j]: s1 = sum(d), s2 = sum(d * d);
+  void (*plane_deviations)(const float* x, region r, const float* center, float* s1, float* s2);
+  // g = dy (zeroed where the ReLU bit is clear): s1 = sum(g), s2 = sum(g * (x - mean[j])).
+  void (*plane_sums)(const float* x, const float* dy, region r, const float* mean,
+                     relu_bits_in relu, float* s1, float* s2);
+
   // invstd[j] = 1 / sqrt(double(var[j]) + eps) for j < n: the backward
   // coefficients' square root and division, a vector of channels at a time
   // (correctly rounded IEEE operations: the bits of the scalar expression).

@@ -325,35 +325,46 @@ inline void prefetch_group(const float* at) {
 // A single pass keeps the core asking memory for data instead of
 // re-reading L1 while the bus idles.
 // The moments of Q vectors of channels from j0 on, from the sums d1 of
-// d = x - shift and d2 of d^2 over `rows` rows, if the test above passes in
-// every lane; else false, and nothing is written.
+// d = x - shift and d2 of d^2 over `rows` rows, for the lanes that pass the
+// test above; keep[j] tells which did. Returns whether all did. Each lane
+// is tested alone, so that a channel's result does not depend on its
+// neighbours' data (a NaN in one channel of the group kept the others'
+// one-pass results until session 17, and changed their bits).
 template <class A, int Q>
 bool shifted_moments(int64_t rows, int64_t j0, const float* shift, const simd::vfloat<A>* d1,
-                     const simd::vfloat<A>* d2, moments* out) {
+                     const simd::vfloat<A>* d2, moments* out, bool* keep) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const V n(static_cast<float>(rows));
   // Finite sums (no inf or NaN in the data, no overflow) with the shift
-  // within sigma/sqrt(7) of the mean, in every lane; false for NaN.
+  // within sigma/sqrt(7) of the mean; false for NaN.
   const V largest(std::numeric_limits<float>::max());
-  for (int q = 0; q < Q; ++q)
-    if (!xsimd::all(V(8.f) * (d1[q] * d1[q]) <= n * d2[q]) || !xsimd::all(d2[q] <= largest))
-      return false;
-  alignas(64) float s1[Q * W], s2[Q * W];
+  auto passes = [&](int q) {
+    return (V(8.f) * (d1[q] * d1[q]) <= n * d2[q]) && (d2[q] <= largest);
+  };
+  alignas(64) float s1[Q * W], s2[Q * W], pass[Q * W];
+  bool all = true;
   for (int q = 0; q < Q; ++q) {
+    all = all && xsimd::all(passes(q));
     d1[q].store_aligned(s1 + q * W);
     d2[q].store_aligned(s2 + q * W);
   }
+  if (!all)
+    for (int q = 0; q < Q; ++q)
+      xsimd::select(passes(q), V(1.f), V(0.f)).store_aligned(pass + q * W);
   const double inv = 1.0 / static_cast<double>(rows);  // no division per channel (see two_pass_moments)
-  for (int64_t j = 0; j < Q * W; ++j)
-    out[j0 + j] = {shift[j0 + j] + s1[j] * inv,
-                   std::max(0.0, s2[j] - static_cast<double>(s1[j]) * s1[j] * inv)};
-  return true;
+  for (int64_t j = 0; j < Q * W; ++j) {
+    keep[j] = all || pass[j] != 0.f;
+    if (keep[j])
+      out[j0 + j] = {shift[j0 + j] + s1[j] * inv,
+                     std::max(0.0, s2[j] - static_cast<double>(s1[j]) * s1[j] * inv)};
+  }
+  return all;
 }
 
 template <class A, int Q>
-bool moments_columns_shifted(const float* x, region r, int64_t j0, const float* shift,
-                             moments* out) {
+bool moments_columns_shifted(const float* x, region r, int64_t j0, const float* shift, moments* out,
+                             bool* keep) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   V k[Q], d1[Q], d2[Q];
@@ -371,20 +382,21 @@ bool moments_columns_shifted(const float* x, region r, int64_t j0, const float* 
       }
     }
   });
-  return shifted_moments<A, Q>(r.rows, j0, shift, d1, d2, out);
+  return shifted_moments<A, Q>(r.rows, j0, shift, d1, d2, out, keep);
 }
 
 // The moments of the `cols` channels from j0 on, from their second pass:
 // mean m, the sums s1 of d = x - m and s2 of d^2 (inf or NaN: again in double).
 template <class A>
 void two_pass_moments(const float* x, region r, int64_t j0, int64_t cols, const float* m,
-                      const float* s1, const float* s2, moments* out) {
+                      const float* s1, const float* s2, moments* out, const bool* keep = nullptr) {
   // Times the inverse count, not divided by the count: two double divisions
   // a channel held bnorm_moments of 512 channels of one row at 3.1 us, 2.4
   // without (forward training 1x512x7x7 NHWC -3..-5%, session 8); the result
   // moves by at most an ulp of a double.
   const double inv = 1.0 / static_cast<double>(r.rows);
   for (int64_t k = 0; k < cols; ++k) {
+    if (keep && keep[k]) continue;  // the lane's one-pass result stands
     if (std::isfinite(s1[k]) && std::isfinite(s2[k])) {
       out[j0 + k] = {m[k] + s1[k] * inv,
                      std::max(0.0, s2[k] - static_cast<double>(s1[k]) * s1[k] * inv)};
@@ -394,11 +406,19 @@ void two_pass_moments(const float* x, region r, int64_t j0, int64_t cols, const 
   }
 }
 
+// The two passes over Q vectors of channels from j0 on; with a shift, one
+// pass first, and the two passes only for the lanes that fail its test.
+// keep (if not null): the lanes whose result is already in out.
 template <class A, int Q>
-void moments_columns(const float* x, region r, int64_t j0, const float* shift, moments* out) {
-  if (shift && moments_columns_shifted<A, Q>(x, r, j0, shift, out)) return;
+void moments_columns(const float* x, region r, int64_t j0, const float* shift, moments* out,
+                     const bool* keep = nullptr) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
+  bool kept[Q * W];
+  if (shift) {
+    if (moments_columns_shifted<A, Q>(x, r, j0, shift, out, kept)) return;
+    keep = kept;
+  }
   const V n(static_cast<float>(r.rows));
   V x0[Q], s[Q], m[Q], d1[Q], d2[Q];
   for (int q = 0; q < Q; ++q) {
@@ -424,7 +444,7 @@ void moments_columns(const float* x, region r, int64_t j0, const float* shift, m
     d1[q].store_aligned(s1 + q * W);
     d2[q].store_aligned(s2 + q * W);
   }
-  two_pass_moments<A>(x, r, j0, Q * W, mv, s1, s2, out);
+  two_pass_moments<A>(x, r, j0, Q * W, mv, s1, s2, out, keep);
 }
 
 // NHWC rows of many channels (kStreamRowsFrom and more) are reduced in
@@ -523,8 +543,9 @@ void moments_rows_shifted(const float* x, region r, int64_t c0, int64_t c1, cons
       d1[q] = V::load_aligned(s1 + j0 - c0 + q * W);
       d2[q] = V::load_aligned(s2 + j0 - c0 + q * W);
     }
-    if (!shifted_moments<A, 4>(r.rows, j0, shift, d1, d2, out))
-      moments_columns<A, 4>(x, r, j0, nullptr, out);
+    bool keep[4 * W];
+    if (!shifted_moments<A, 4>(r.rows, j0, shift, d1, d2, out, keep))
+      moments_columns<A, 4>(x, r, j0, nullptr, out, keep);
   }
 }
 
@@ -548,6 +569,12 @@ void moments_rows(const float* x, region r, int64_t c0, int64_t c1, moments* out
     (V::load_unaligned(x + c0 + j) + V::load_aligned(s1 + j) / n).store_aligned(m + j);
   deviation_rows<A, U>(x, r, c0, c1, m, s1, s2);
   two_pass_moments<A>(x, r, c0, c1 - c0, m, s1, s2, out);
+}
+
+// kernel_table::plane_deviations: deviation_rows, four rows at a time.
+template <class A>
+void plane_deviations(const float* x, region r, const float* center, float* s1, float* s2) {
+  deviation_rows<A, 4>(x, r, 0, r.cols, center, s1, s2);
 }
 
 template <class A>
@@ -1172,6 +1199,41 @@ void backward_reduce_nchw_group(const float* x, const float* dy, region r, int64
   }
 }
 
+// kernel_table::plane_sums, four rows at a time in memory order (as
+// deviation_rows), compiled with and without the mask.
+template <class A, bool Relu>
+void plane_sums_rows(const float* x, const float* dy, region r, const float* mean,
+                     relu_bits_in relu_in, float* s1, float* s2) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  for (int64_t j = 0; j < r.cols; j += W) {
+    V(0.f).store_aligned(s1 + j);
+    V(0.f).store_aligned(s2 + j);
+  }
+  stream_rows<A, 4>(r, 0, r.cols, [&](int64_t i, int64_t j, auto rows) {
+    const V m = V::load_unaligned(mean + j);
+    V a1 = V::load_aligned(s1 + j), a2 = V::load_aligned(s2 + j);
+    for (int u = 0; u < decltype(rows)::value; ++u) {
+      const int64_t at = (i + u) * r.stride + j;
+      V g = V::load_unaligned(dy + at);
+      if (Relu) g = masked<A>(g, relu_in.bits, relu_in.index + at, W);
+      a1 += g;
+      a2 = madd(g, V::load_unaligned(x + at) - m, a2);
+    }
+    a1.store_aligned(s1 + j);
+    a2.store_aligned(s2 + j);
+  });
+}
+
+template <class A>
+void plane_sums(const float* x, const float* dy, region r, const float* mean, relu_bits_in relu_in,
+                float* s1, float* s2) {
+  if (relu_in.bits)
+    plane_sums_rows<A, true>(x, dy, r, mean, relu_in, s1, s2);
+  else
+    plane_sums_rows<A, false>(x, dy, r, mean, relu_in, s1, s2);
+}
+
 // NHWC: as moments_nhwc, Q vectors of channels at a time in registers.
 // The sums of the `cols` channels from j0 on, from their float sums a0 of
 // dy and a1 of dy * (x - mean) (inf or NaN: again in double).
@@ -1505,6 +1567,8 @@ kernel_table make_kernel_table(const char* isa) {
           backward_reduce_nchw<A>,
           backward_reduce_nchw_group<A>,
           backward_reduce_nhwc<A>,
+          plane_deviations<A>,
+          plane_sums<A>,
           invstd<A>,
           running_stats<A>,
           backward_apply_nchw<A>,

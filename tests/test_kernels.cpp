@@ -140,6 +140,32 @@ TEST_P(Layouts, ChannelCountsOfKernelForms) {
     }
 }
 
+// NCHW planes of fewer than 256 values at batch 16 and more (sums) and 64 and more (moments)
+// are reduced image after image, a vector of channels at a time (plane_walk in
+// kernels/batchnorm.cpp): channels that do not fill the last vector, more than 256 images (two
+// float sums per column), planes of 3, 49 and 196 values.
+TEST_P(Layouts, ShortPlanes) {
+  struct {
+    int64_t n, c, s;
+  } shapes[] = {{16, 64, 49}, {64, 70, 49}, {300, 37, 3}, {65, 33, 196}, {20, 100, 15}};
+  int k = 0;
+  for (auto& t : shapes)
+    for (bool relu : {false, true}) {
+      ++k;
+      BnormTester()
+          .layout(GetParam())
+          .n(t.n)
+          .c(t.c)
+          .spatial(t.s)
+          .offset(kOffsets[k % 3])
+          .eps(kEps[k % 3])
+          .seed(1201 + k)
+          .relu(relu)
+          .Test();
+      if (HasFailure()) return;
+    }
+}
+
 // 3-D inputs: spatial is D*H*W (the library only sees the product).
 TEST_P(Layouts, ThreeDimensionalInput) {
   struct {

@@ -97,7 +97,7 @@ TrainingStats training_stats(const bnorm_shape& sh, const std::vector<float>& xv
 TEST(Robustness, StatisticsAccurateWithLargeOffset) {
   struct {
     int64_t n, c, s;
-  } shapes[] = {{8, 5, 1000}, {1, 3, 65537}, {4096, 17, 1}, {3, 33, 251}};
+  } shapes[] = {{8, 5, 1000}, {1, 3, 65537}, {4096, 17, 1}, {3, 33, 251}, {70, 67, 49}};
   int k = 0;
   for (bnorm_layout layout : kLayouts)
     for (auto& t : shapes)
@@ -481,8 +481,8 @@ TEST(Robustness, DeterministicAcrossThreadCounts) {
   const int threads[] = {1, 2, 3, 4, 7, 16, 64};
   struct {
     int64_t n, c, s;
-  } shapes[] = {{1, 3, (1 << 18) + 7}, {2, 1, 300007}, {2, 1031, 17}, {3, 5, 33}, {997, 3, 1},
-                  {3, 1500, 23}, {5, 333, 113}};
+  } shapes[] = {{1, 3, (1 << 18) + 7}, {2, 1, 300007}, {2, 1031, 17}, {3, 5, 33},  {997, 3, 1},
+                {3, 1500, 23},         {5, 333, 113},  {66, 70, 49},  {300, 64, 3}};
   std::printf("bnorm_isa() = %s\n", bnorm_isa());
   int k = 0;
   for (bnorm_layout layout : kLayouts)
@@ -636,8 +636,8 @@ TEST(Robustness, OperatorsAreBitwiseTheirSplitPhases) {
   OmpThreadsGuard guard;
   struct {
     int64_t n, c, s;
-  } shapes[] = {{4, 64, 1024}, {3, 5, 33},    {1, 300, 49}, {3, 130, 200},
-                {2, 70, 1500}, {600, 77, 1}, {8, 200, 49}};
+  } shapes[] = {{4, 64, 1024}, {3, 5, 33},   {1, 300, 49}, {3, 130, 200}, {2, 70, 1500},
+                {600, 77, 1},  {8, 200, 49}, {70, 67, 49}, {20, 80, 196}};
   int k = 0;
   for (int nt : {1, 2})
     for (bnorm_layout layout : kLayouts)
@@ -687,7 +687,7 @@ TEST(Robustness, AnyAlignmentGivesIdenticalResults) {
 TEST(Robustness, NonFiniteInputStaysInItsChannel) {
   struct {
     int64_t n, c, s;
-  } shapes[] = {{3, 7, 33}, {2, 19, 64}, {50, 17, 1}, {1, 3, 1001}};
+  } shapes[] = {{3, 7, 33}, {2, 19, 64}, {50, 17, 1}, {1, 3, 1001}, {66, 70, 49}};
   const float bad_values[] = {std::numeric_limits<float>::quiet_NaN(),
                               std::numeric_limits<float>::infinity(),
                               -std::numeric_limits<float>::infinity()};
