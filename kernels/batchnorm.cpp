@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdarg>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -850,33 +851,41 @@ constexpr std::align_val_t kScratchAlign{64};
 constexpr int kCachedBlocks = 8;
 constexpr size_t kCachedBytes = size_t{8} << 20;
 
+// A scratch block and its size.
+struct scratch_block {
+  void* p = nullptr;
+  size_t bytes = 0;
+};
+
 class scratch_cache {
  public:
   ~scratch_cache() {
-    for (block& b : blocks_)
+    for (scratch_block& b : blocks_)
       if (b.p) ::operator delete[](b.p, kScratchAlign);
+    closed = true;  // calls made later on this thread (from other thread_local or
+                    // static destructors) allocate and free as without the cache
   }
-  // A kept block of at least `bytes` (the smallest such), or nullptr.
-  void* take(size_t bytes) {
-    block* best = nullptr;
-    for (block& b : blocks_)
+  // A kept block of at least `bytes` (the smallest such), or none.
+  scratch_block take(size_t bytes) {
+    scratch_block* best = nullptr;
+    for (scratch_block& b : blocks_)
       if (b.p && b.bytes >= bytes && (!best || b.bytes < best->bytes)) best = &b;
-    if (!best) return nullptr;
-    void* p = best->p;
-    held_ -= best->bytes;
-    *best = block{};
-    return p;
+    if (!best) return {};
+    const scratch_block got = *best;
+    held_ -= got.bytes;
+    *best = scratch_block{};
+    return got;
   }
-  // Keeps p (of `bytes`) if there is room; else frees it.
-  void give(void* p, size_t bytes) {
-    if (enabled() && held_ + bytes <= kCachedBytes)
-      for (block& b : blocks_)
+  // Keeps the block if there is room; else frees it.
+  void give(scratch_block block) {
+    if (enabled() && held_ + block.bytes <= kCachedBytes)
+      for (scratch_block& b : blocks_)
         if (!b.p) {
-          b = {p, bytes};
-          held_ += bytes;
+          b = block;
+          held_ += block.bytes;
           return;
         }
-    ::operator delete[](p, kScratchAlign);
+    ::operator delete[](block.p, kScratchAlign);
   }
   static bool enabled() {
     static const bool on = [] {
@@ -886,35 +895,41 @@ class scratch_cache {
     return on;
   }
 
+  // Set when this thread's cache has been destroyed. A trivially
+  // destructible thread_local stays valid until the thread is gone.
+  static thread_local bool closed;
+
  private:
-  struct block {
-    void* p = nullptr;
-    size_t bytes = 0;
-  };
-  block blocks_[kCachedBlocks];
+  scratch_block blocks_[kCachedBlocks];
   size_t held_ = 0;
 };
+thread_local bool scratch_cache::closed = false;
 thread_local scratch_cache t_scratch;
 
 struct scratch_delete {
-  size_t bytes = 0;
+  size_t bytes = 0;  // the block's size (a kept block may be larger than asked for)
   template <class T>
   void operator()(T* p) const {
-    t_scratch.give(p, bytes);
+    if (scratch_cache::closed)
+      ::operator delete[](p, kScratchAlign);
+    else
+      t_scratch.give({p, bytes});
   }
 };
 template <class T>
 using buffer = std::unique_ptr<T[], scratch_delete>;
 
-// n values of scratch, 64-byte aligned, from this thread's cache or new[].
+// n values of scratch, 64-byte aligned, from this thread's cache or new[];
+// null if that fails (or n values do not fit in size_t bytes).
 template <class T>
 buffer<T> allocate(int64_t n) {
   static_assert(std::is_trivially_destructible<T>::value, "scratch_delete runs no destructors");
   static_assert(alignof(T) <= static_cast<size_t>(kScratchAlign), "blocks are 64-byte aligned");
+  if (n < 0 || static_cast<uint64_t>(n) > SIZE_MAX / sizeof(T)) return buffer<T>();
   const size_t bytes = static_cast<size_t>(n) * sizeof(T);
-  void* p = t_scratch.take(bytes);
-  if (!p) p = new (kScratchAlign, std::nothrow) unsigned char[bytes];
-  return buffer<T>(static_cast<T*>(p), scratch_delete{bytes});
+  scratch_block b = scratch_cache::closed ? scratch_block{} : t_scratch.take(bytes);
+  if (!b.p) b = {new (kScratchAlign, std::nothrow) unsigned char[bytes], bytes};
+  return buffer<T>(static_cast<T*>(b.p), scratch_delete{b.bytes});
 }
 
 // Per-thread NHWC scratch: a chunk's per-channel results and per-channel

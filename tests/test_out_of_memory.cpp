@@ -31,7 +31,7 @@ std::atomic<long> g_allocations{0};
 // Each call allocates its scratch afresh: without this, a thread's cache of scratch blocks
 // (kernels/batchnorm.cpp, scratch_cache) would serve the runs after the first, which would then
 // make no allocation to fail. Set before main, so before the library reads it.
-const bool g_no_scratch_cache = setenv("BNORM_SCRATCH_CACHE", "0", 1) == 0;
+[[maybe_unused]] const bool g_no_scratch_cache = setenv("BNORM_SCRATCH_CACHE", "0", 1) == 0;
 }  // namespace
 
 void* operator new[](std::size_t bytes, std::align_val_t align,
