@@ -117,6 +117,21 @@ TEST_P(Layouts, TwoDimensionalInput) {
 // one group in the backward sums), 256-511 channels (the backward sums in memory order, and the
 // moments too beyond the cache: the small_cache run), rows from 512 channels on (the moments
 // in memory order), and neighbours; with and without ReLU. 600 rows of 256 channels: 0.6 MB.
+// One BnormTester run of the shape, with the k-th offset and epsilon of the lists above.
+void TestShape(bnorm_layout layout, int64_t n, int64_t c, int64_t spatial, int k, uint64_t seed,
+               bool relu) {
+  BnormTester()
+      .layout(layout)
+      .n(n)
+      .c(c)
+      .spatial(spatial)
+      .offset(kOffsets[k % 3])
+      .eps(kEps[k % 3])
+      .seed(seed)
+      .relu(relu)
+      .Test();
+}
+
 // 1200 and 2100 channels: rows whose coefficients and data exceed a 32 KiB L1d, which the
 // elementwise passes take in column blocks of 1024 channels (the backward's from 1171 channels
 // on, the normalize's from 1639), the last block narrower.
@@ -126,16 +141,7 @@ TEST_P(Layouts, ChannelCountsOfKernelForms) {
                     int64_t(1200), int64_t(2100)})
     for (bool relu : {false, true}) {
       ++k;
-      BnormTester()
-          .layout(GetParam())
-          .n(3)
-          .c(c)
-          .spatial(c == 256 ? 200 : 30)
-          .offset(kOffsets[k % 3])
-          .eps(kEps[k % 3])
-          .seed(991 + k)
-          .relu(relu)
-          .Test();
+      TestShape(GetParam(), 3, c, c == 256 ? 200 : 30, k, 991 + k, relu);
       if (HasFailure()) return;
     }
 }
@@ -152,16 +158,7 @@ TEST_P(Layouts, ShortPlanes) {
   for (auto& t : shapes)
     for (bool relu : {false, true}) {
       ++k;
-      BnormTester()
-          .layout(GetParam())
-          .n(t.n)
-          .c(t.c)
-          .spatial(t.s)
-          .offset(kOffsets[k % 3])
-          .eps(kEps[k % 3])
-          .seed(1201 + k)
-          .relu(relu)
-          .Test();
+      TestShape(GetParam(), t.n, t.c, t.s, k, 1201 + k, relu);
       if (HasFailure()) return;
     }
 }
@@ -176,16 +173,7 @@ TEST_P(Layouts, ThreeDimensionalInput) {
   for (auto& t : cases)
     for (bool relu : {false, true}) {
       ++k;
-      BnormTester()
-          .layout(GetParam())
-          .n(t.n)
-          .c(t.c)
-          .spatial(t.d * t.h * t.w)
-          .offset(kOffsets[k % 3])
-          .eps(kEps[k % 3])
-          .seed(500 + k)
-          .relu(relu)
-          .Test();
+      TestShape(GetParam(), t.n, t.c, t.d * t.h * t.w, k, 500 + k, relu);
       if (HasFailure()) return;
     }
 }
