@@ -728,7 +728,6 @@ void nchw_moments(const kernel_table& k, const plan& p, const float* x, int64_t 
 // times a read of x and dy; with the requests -8..-14% (also 40x2048x7x7;
 // the whole backward, whose apply leaves part of x and dy in the L3, +0%).
 // The moments (x alone) took 1.6 times a read of x there; not changed.
-
 template <class Done>
 void nchw_sums(const kernel_table& k, const plan& p, const float* x, const float* dy,
                const float* mean, const uint8_t* mask, int64_t c0, int64_t c1, bool ahead,
@@ -1014,35 +1013,37 @@ double column_total(const float* s, int64_t n) {
 }
 
 // The walk over the channels [c0, c1) (c0 a multiple of the width; c1 too,
-// or the last channel): for each block of channels, center_of(c) gives each
-// channel's centre, then for each run of at most kPlaneRows images
-// columns(at, region, centers, s1, s2) sums the block's columns; finally
-// done(c, centre, d1, d2) takes each channel's column sums added in double.
-// The tensor's last channels that do not fill a vector's width go to tail(c).
-template <class Center, class Columns, class Done, class Tail>
+// or the last channel), a group of W channels at a time: centers(g, out)
+// gives the centres of channels g..g+W-1 in out[0..W), then for each run
+// of at most kPlaneRows images columns(at, region, centers, s1, s2) sums
+// the group's columns; finally done(c, centre, d1, d2) takes each channel's
+// column sums added in double. The tensor's last channels that do not fill
+// a vector's width go to tail(c).
+template <class Centers, class Columns, class Done, class Tail>
 void plane_walk(const kernel_table& k, const plan& p, const plane_scratch& scratch, int t,
-                int64_t c0, int64_t c1, Center center_of, Columns columns, Done done, Tail tail) {
+                int64_t c0, int64_t c1, Centers centers, Columns columns, Done done, Tail tail) {
   float* const center = scratch.center(t);
   float* const s1 = scratch.s1(t);
   float* const s2 = scratch.s2(t);
+  const int64_t w = k.width;
+  float value[kMaxWidth];
   double d1[kMaxWidth], d2[kMaxWidth];
-  const int64_t whole = c0 + (c1 - c0) / k.width * k.width;
-  for (int64_t b0 = c0; b0 < whole; b0 += k.width) {
-    const int64_t b1 = std::min(whole, b0 + k.width);
-    for (int64_t c = b0; c < b1; ++c) {
-      const float v = center_of(c);
-      std::fill(center + (c - b0) * p.spatial, center + (c - b0 + 1) * p.spatial, v);
-      d1[c - b0] = d2[c - b0] = 0;
+  const int64_t whole = c0 + (c1 - c0) / w * w;
+  for (int64_t g = c0; g < whole; g += w) {
+    centers(g, value);
+    for (int64_t j = 0; j < w; ++j) {
+      std::fill(center + j * p.spatial, center + (j + 1) * p.spatial, value[j]);
+      d1[j] = d2[j] = 0;
     }
     for (int64_t n0 = 0; n0 < p.rows; n0 += kPlaneRows) {
-      const region r{std::min(kPlaneRows, p.rows - n0), (b1 - b0) * p.spatial, p.stride};
-      columns(n0 * p.stride + b0 * p.spatial, r, center, s1, s2);
-      for (int64_t c = b0; c < b1; ++c) {
-        d1[c - b0] += column_total(s1 + (c - b0) * p.spatial, p.spatial);
-        d2[c - b0] += column_total(s2 + (c - b0) * p.spatial, p.spatial);
+      const region r{std::min(kPlaneRows, p.rows - n0), w * p.spatial, p.stride};
+      columns(n0 * p.stride + g * p.spatial, r, center, s1, s2);
+      for (int64_t j = 0; j < w; ++j) {
+        d1[j] += column_total(s1 + j * p.spatial, p.spatial);
+        d2[j] += column_total(s2 + j * p.spatial, p.spatial);
       }
     }
-    for (int64_t c = b0; c < b1; ++c) done(c, center[(c - b0) * p.spatial], d1[c - b0], d2[c - b0]);
+    for (int64_t j = 0; j < w; ++j) done(g + j, value[j], d1[j], d2[j]);
   }
   for (int64_t c = whole; c < c1; ++c) tail(c);
 }
@@ -1058,15 +1059,13 @@ void nchw_plane_moments(const kernel_table& k, const plan& p, const float* x,
   const int64_t head = std::min(p.rows, (kPlaneShiftValues + p.spatial - 1) / p.spatial);
   const region first{head, p.spatial, p.stride};
   const double count = static_cast<double>(p.count);
-  moments m[kMaxWidth];
   auto redo = [&](int64_t c) { out[c] = nchw_slice_moments(k, p, x + c * p.spatial, 0); };
   plane_walk(
       k, p, scratch, t, c0, c1,
-      [&](int64_t c) {
-        const int64_t j = (c - c0) % k.width;
-        if (j == 0)
-          k.moments_nchw_group(x + c * p.spatial, first, std::min(k.width, c1 - c), p.spatial, m);
-        return static_cast<float>(m[j].mean);
+      [&](int64_t g, float* value) {
+        moments m[kMaxWidth];
+        k.moments_nchw_group(x + g * p.spatial, first, k.width, p.spatial, m);
+        for (int64_t j = 0; j < k.width; ++j) value[j] = static_cast<float>(m[j].mean);
       },
       [&](int64_t at, region r, const float* center, float* s1, float* s2) {
         k.plane_deviations(x + at, r, center, s1, s2);
@@ -1088,7 +1087,8 @@ void nchw_plane_sums(const kernel_table& k, const plan& p, const float* x, const
                      int64_t c0, int64_t c1, sums* out) {
   auto redo = [&](int64_t c) { out[c] = nchw_slice_sums(k, p, x, dy, c, mean[c], mask, 0); };
   plane_walk(
-      k, p, scratch, t, c0, c1, [&](int64_t c) { return mean[c]; },
+      k, p, scratch, t, c0, c1,
+      [&](int64_t g, float* value) { std::copy(mean + g, mean + g + k.width, value); },
       [&](int64_t at, region r, const float* center, float* s1, float* s2) {
         k.plane_sums(x + at, dy + at, r, center, {mask, at}, s1, s2);
       },
@@ -1099,6 +1099,22 @@ void nchw_plane_sums(const kernel_table& k, const plan& p, const float* x, const
           redo(c);
       },
       redo);
+}
+
+// A reduction phase of short planes (as reduction_phase): each thread
+// reduce(scratch, t, c0, c1)s its range of whole groups, then, after a
+// barrier, then(team). Returns false if the scratch could not be had.
+template <class Then, class Reduce>
+bool plane_phase(const kernel_table& k, const plan& p, int nt, Then then, Reduce reduce) {
+  plane_scratch scratch;
+  if (!scratch.allocate_for(p, nt)) return false;
+  run_threads(nt, [&](const team& tm) {
+    const item_range r = share_of(groups(k, p), tm.t, tm.threads);
+    reduce(scratch, tm.t, std::min(p.c, r.begin * k.width), std::min(p.c, r.end * k.width));
+    tm.barrier();
+    then(tm);
+  });
+  return true;
 }
 
 // One slice's results of c channels merged into the results of the slices
@@ -1239,18 +1255,11 @@ void prefetch_ahead(const plan& p, const float* x, int64_t c, int64_t ch) {
 template <class Then>
 bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt, partial* out,
                    Then then) {
-  if (short_planes(p, kPlaneMomentsRows)) {
-    plane_scratch scratch;
-    if (!scratch.allocate_for(p, nt)) return false;
-    run_threads(nt, [&](const team& tm) {
-      const item_range r = share_of(groups(k, p), tm.t, tm.threads);
-      nchw_plane_moments(k, p, x, scratch, tm.t, std::min(p.c, r.begin * k.width),
-                         std::min(p.c, r.end * k.width), out);
-      tm.barrier();
-      then(tm);
-    });
-    return true;
-  }
+  if (short_planes(p, kPlaneMomentsRows))
+    return plane_phase(k, p, nt, then,
+                       [&](const plane_scratch& scratch, int t, int64_t c0, int64_t c1) {
+                         nchw_plane_moments(k, p, x, scratch, t, c0, c1, out);
+                       });
   // Each NCHW channel's shift, from one chunk to the next (nchw_slice_moments),
   // when its chunks are reduced chunk row by chunk row.
   buffer<float> around;
@@ -1292,18 +1301,11 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
 template <class Then>
 bool sums_phase(const kernel_table& k, const plan& p, const float* x, const float* dy,
                 const float* mean, const uint8_t* mask, int nt, sums* out, Then then) {
-  if (short_planes(p, kPlaneSumsRows)) {
-    plane_scratch scratch;
-    if (!scratch.allocate_for(p, nt)) return false;
-    run_threads(nt, [&](const team& tm) {
-      const item_range r = share_of(groups(k, p), tm.t, tm.threads);
-      nchw_plane_sums(k, p, x, dy, mean, mask, scratch, tm.t, std::min(p.c, r.begin * k.width),
-                      std::min(p.c, r.end * k.width), out);
-      tm.barrier();
-      then(tm);
-    });
-    return true;
-  }
+  if (short_planes(p, kPlaneSumsRows))
+    return plane_phase(k, p, nt, then,
+                       [&](const plane_scratch& scratch, int t, int64_t c0, int64_t c1) {
+                         nchw_plane_sums(k, p, x, dy, mean, mask, scratch, t, c0, c1, out);
+                       });
   const bool ahead = prefetches_ahead(p, 3);  // x, dy and dx
   return reduction_phase<sums>(
       k, p, nt, 2 * sizeof(double), 0, out,
