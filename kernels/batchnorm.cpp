@@ -420,12 +420,6 @@ void parallel_for(int nt, int64_t n, F f) {
 // ---------------------------------------------------------------------------
 // Moments: merging and their use.
 
-// Moments of n values (n == 0: nothing yet).
-struct partial {
-  moments m;
-  double n;
-};
-
 // Chan, Golub & LeVeque's pairwise update: the moments of the union.
 void merge(partial& a, const moments& b, double nb) {
   if (a.n == 0) {
@@ -461,17 +455,6 @@ void merge_same_count_of(partial* a, B b, int64_t c, double nb) {
 
 void merge_same_count(partial* a, const moments* b, int64_t c, double nb) {
   merge_same_count_of(a, [b](int64_t j) -> const moments& { return b[j]; }, c, nb);
-}
-
-// mean and population variance; NaN for both if the data held inf or NaN.
-void finish_moments(const partial& a, float* mean, float* var) {
-  const double v = a.m.m2 / a.n;
-  if (std::isfinite(a.m.mean) && std::isfinite(v)) {
-    *mean = static_cast<float>(a.m.mean);
-    *var = static_cast<float>(v);
-  } else {
-    *mean = *var = std::numeric_limits<float>::quiet_NaN();
-  }
 }
 
 // y = (x - mean) * scale + shift with scale = gamma / sqrt(var + eps) and
@@ -1774,7 +1757,7 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
     const bool ok = moments_phase(k, p, x, nt, channel.get(), [&](const team& tm) {
       const item_range r = channels_of(p, tm.t, tm.threads);
       const int64_t c0 = r.begin, c1 = r.end;
-      for (int64_t c = c0; c < c1; ++c) finish_moments(channel[c], &mean[c], &var[c]);
+      k.finish(channel.get() + c0, c1 - c0, mean + c0, var + c0);
       scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
       std::copy(mean + c0, mean + c1, aligned_mean + c0);
       tm.barrier();
@@ -1791,7 +1774,7 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   parallel_for(nt, blocks, [&](int64_t b) {
     const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
     const partial* total = scratch.reduce(k, x, c0, c1);
-    for (int64_t c = c0; c < c1; ++c) finish_moments(total[c], &mean[c], &var[c]);
+    k.finish(total + c0, c1 - c0, mean + c0, var + c0);
     scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
     std::copy(mean + c0, mean + c1, aligned_mean + c0);
     k.normalize_nhwc(x + c0, y + c0, {p.rows, c1 - c0, p.c}, aligned_mean + c0, scale + c0,

@@ -18,6 +18,9 @@ template <class A>
 using vfloat = xsimd::batch<float, A>;
 template <class A>
 using vmask = xsimd::batch_bool<float, A>;
+// Half as many lanes as vfloat: the per-channel work in double.
+template <class A>
+using vdouble = xsimd::batch<double, A>;
 
 template <class A>
 constexpr bool is_avx512 = std::is_base_of<xsimd::avx512f, A>::value;
@@ -62,6 +65,82 @@ inline float madd1(float a, float b, float c) {
     return std::fma(a, b, c);
   } else {
     return a * b + c;
+  }
+}
+
+// The vdouble<A>::size floats at p, converted to double (exactly; xsimd
+// 8.1 converts only between types of the same size).
+template <class A>
+inline vdouble<A> load_widened(const float* p) {
+  if constexpr (is_avx512<A>) {
+    return _mm512_cvtps_pd(_mm256_loadu_ps(p));
+  } else if constexpr (is_avx<A>) {
+    return _mm256_cvtps_pd(_mm_loadu_ps(p));
+  } else {
+    return _mm_cvtps_pd(_mm_setr_ps(p[0], p[1], 0.f, 0.f));
+  }
+}
+
+// v's lanes rounded to float (to nearest, as static_cast<float>), stored at p.
+template <class A>
+inline void store_narrowed(float* p, vdouble<A> v) {
+  if constexpr (is_avx512<A>) {
+    _mm256_storeu_ps(p, _mm512_cvtpd_ps(v));
+  } else if constexpr (is_avx<A>) {
+    _mm_storeu_ps(p, _mm256_cvtpd_ps(v));
+  } else {
+    alignas(16) float f[4];
+    _mm_store_ps(f, _mm_cvtpd_ps(v));
+    p[0] = f[0];
+    p[1] = f[1];
+  }
+}
+
+// p[2i] = a[i], p[2i + 1] = b[i]: pairs of doubles (vdouble<A>::size of them).
+template <class A>
+inline void store_pairs(double* p, vdouble<A> a, vdouble<A> b) {
+  if constexpr (is_avx512<A>) {
+    _mm512_storeu_pd(p, _mm512_permutex2var_pd(a, _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), b));
+    _mm512_storeu_pd(p + 8,
+                     _mm512_permutex2var_pd(a, _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15), b));
+  } else {
+    constexpr int64_t N = vdouble<A>::size;
+    alignas(64) double x[N], y[N];
+    a.store_aligned(x);
+    b.store_aligned(y);
+    for (int64_t i = 0; i < N; ++i) {
+      p[2 * i] = x[i];
+      p[2 * i + 1] = y[i];
+    }
+  }
+}
+
+// a[i] = p[3i], b[i] = p[3i + 1], c[i] = p[3i + 2]: triples of doubles.
+template <class A>
+inline void load_triples(const double* p, vdouble<A>* a, vdouble<A>* b, vdouble<A>* c) {
+  if constexpr (is_avx512<A>) {
+    const __m512d u = _mm512_loadu_pd(p), v = _mm512_loadu_pd(p + 8), w = _mm512_loadu_pd(p + 16);
+    // From u and v the lanes found there (0-15), then w's (16-23) into the last lanes.
+    auto take = [&](__m512i from_uv, __m512i from_w) {
+      return _mm512_permutex2var_pd(_mm512_permutex2var_pd(u, from_uv, v), from_w, w);
+    };
+    *a = take(_mm512_setr_epi64(0, 3, 6, 9, 12, 15, 0, 0),
+              _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 10, 13));
+    *b = take(_mm512_setr_epi64(1, 4, 7, 10, 13, 0, 0, 0),
+              _mm512_setr_epi64(0, 1, 2, 3, 4, 8, 11, 14));
+    *c = take(_mm512_setr_epi64(2, 5, 8, 11, 14, 0, 0, 0),
+              _mm512_setr_epi64(0, 1, 2, 3, 4, 9, 12, 15));
+  } else {
+    constexpr int64_t N = vdouble<A>::size;
+    alignas(64) double x[N], y[N], z[N];
+    for (int64_t i = 0; i < N; ++i) {
+      x[i] = p[3 * i];
+      y[i] = p[3 * i + 1];
+      z[i] = p[3 * i + 2];
+    }
+    *a = vdouble<A>::load_aligned(x);
+    *b = vdouble<A>::load_aligned(y);
+    *c = vdouble<A>::load_aligned(z);
   }
 }
 
