@@ -516,7 +516,6 @@ int64_t nhwc_part(const plan& p, const nhwc_item& it, int64_t ch, region* r) {
 void nhwc_item_moments(const kernel_table& k, const plan& p, const float* x, const nhwc_item& it,
                        partial* acc, moments* chunk, float* shift, const float* pilot,
                        float* pilot_out) {
-  for (int64_t j = it.c0; j < it.c1; ++j) acc[j] = {{0, 0}, 0};
   const float* const first_shift = it.slice > 0 && pilot ? pilot + it.c0 : nullptr;
   const bool beyond_cache = far(p);
   for (int64_t ch = slice_begin(p, it.slice); ch < slice_begin(p, it.slice + 1); ++ch) {
@@ -524,7 +523,11 @@ void nhwc_item_moments(const kernel_table& k, const plan& p, const float* x, con
     const int64_t at = nhwc_part(p, it, ch, &r);
     const bool first = ch == slice_begin(p, it.slice);
     k.moments_nhwc(x + at, r, first ? first_shift : shift + it.c0, beyond_cache, chunk + it.c0);
-    merge_same_count(acc + it.c0, chunk + it.c0, r.cols, static_cast<double>(r.rows));
+    if (first) {  // acc takes the chunk's moments as they are (a merge into nothing)
+      for (int64_t j = it.c0; j < it.c1; ++j) acc[j] = {chunk[j], static_cast<double>(r.rows)};
+    } else {
+      merge_same_count(acc + it.c0, chunk + it.c0, r.cols, static_cast<double>(r.rows));
+    }
     if (ch == 0 && pilot_out)
       for (int64_t j = it.c0; j < it.c1; ++j) pilot_out[j] = static_cast<float>(chunk[j].mean);
     if (ch + 1 == slice_begin(p, it.slice + 1)) break;  // no next chunk to shift
