@@ -1453,19 +1453,28 @@ constexpr int64_t kNhwcFusedRows = 1024;
 // L1 and win (1x2048x7x7 38 vs 77 us, 8x2048x7x7 153 vs 187 us). The
 // backward measured faster in phases even then (1x2048x7x7 107 vs 86 us,
 // 8x2048x7x7 296 vs 191 us; on one thread 92 vs 65 us): it has no NHWC
-// blocks. (Session 8.)
+// blocks. (Session 8.) On Zen 5 (session 18, bnorm_ab-style A/B in one
+// process, median of 30 rounds) the blocks must be whole pages too: 8x2048x7x7
+// (392 rows, blocks of 320 channels that fit half of L2) took 141 us fused
+// against 97 us in phases on two threads; with blocks of 1024 channels the
+// fused path still wins 3-8% (1x2048x7x7 21.3 vs 22.9 us, 2x2048x7x7, 128x2048,
+// 64x4096). On one thread the phases won everywhere (4x1024x14x14 143 vs
+// 194 us, 1x1024x14x14 33 vs 37, 8x2048x7x7 140 vs 149): no second region to
+// save there.
 
 // NHWC: blocks are whole 64-channel column groups (kColumnGroup) of all the
 // rows, as many as fit, of x, in half of L2 (nothing is prefetched
 // meanwhile), and at most an even share of the groups per thread. Returns 0
-// (use the phases) for more than kNhwcFusedRows rows, for narrower shares
-// of the columns (above), or when one group of all the rows does not fit.
+// (use the phases) on one thread, for more than kNhwcFusedRows rows, for
+// narrower shares of the columns (above), and when the blocks that fit are
+// not whole pages of each row.
 int64_t nhwc_fused_block(const plan& p, int nt) {
-  if (p.rows > kNhwcFusedRows || p.c / nt < kPageFloats) return 0;
+  if (nt < 2 || p.rows > kNhwcFusedRows || p.c / nt < kPageFloats) return 0;
   const int64_t per_group = p.rows * kColumnGroup * static_cast<int64_t>(sizeof(float));
   const int64_t fit = l2_bytes() / 2 / per_group;
   const int64_t groups = (p.c + kColumnGroup - 1) / kColumnGroup;
-  return std::min(fit, (groups + nt - 1) / nt) * kColumnGroup;
+  const int64_t block = std::min(fit, (groups + nt - 1) / nt) * kColumnGroup;
+  return block % kPageFloats == 0 ? block : 0;
 }
 
 // Scratch for the fused NHWC forward training, indexed by channel (the
