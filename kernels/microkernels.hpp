@@ -308,22 +308,6 @@ inline void prefetch_group(const float* at) {
   for (int64_t b = 0; b < Q * W; b += 16) __builtin_prefetch(at + Q * W + b, 0, 2);
 }
 
-// NHWC: the same two passes, down the columns, Q vectors of adjacent
-// channels at a time with their accumulators in registers: each channel is
-// one vector lane (or, in the tail, the same operations in scalar), so its
-// result does not depend on which group it falls in. The region is a chunk
-// of whole rows; every group prefetches the next group (above).
-//
-// With a shift per channel (the previous chunk's means), one pass first:
-// sums of d = x - shift and d^2 give mean = shift + sum(d)/n and
-// M2 = sum(d^2) - sum(d)^2/n. That is the two-pass result with the shift
-// for a provisional mean, and it is as accurate when the shift is close to
-// the mean: if sum(d)^2/n <= sum(d^2)/8 in every lane (the shift within
-// sigma/sqrt(7) of the chunk's mean), the correction is at most a seventh
-// of M2 and adds at most that fraction of the sums' own rounding error.
-// Otherwise the group is done again with the two passes from its first row.
-// A single pass keeps the core asking memory for data instead of
-// re-reading L1 while the bus idles.
 // Lanes whose value is neither infinite nor NaN.
 template <class A>
 inline xsimd::batch_bool<double, A> finite(simd::vdouble<A> v) {
@@ -349,10 +333,27 @@ inline bool finish_lanes(const float* c, const float* s1, const float* s2, doubl
   return true;
 }
 
+// The same for one channel, in scalar code.
 inline moments finished(float c, float s1, float s2, double inv) {
   return {c + s1 * inv, std::max(0.0, s2 - static_cast<double>(s1) * s1 * inv)};
 }
 
+// NHWC: the same two passes, down the columns, Q vectors of adjacent
+// channels at a time with their accumulators in registers: each channel is
+// one vector lane (or, in the tail, the same operations in scalar), so its
+// result does not depend on which group it falls in. The region is a chunk
+// of whole rows; every group prefetches the next group (above).
+//
+// With a shift per channel (the previous chunk's means), one pass first:
+// sums of d = x - shift and d^2 give mean = shift + sum(d)/n and
+// M2 = sum(d^2) - sum(d)^2/n. That is the two-pass result with the shift
+// for a provisional mean, and it is as accurate when the shift is close to
+// the mean: if sum(d)^2/n <= sum(d^2)/8 in every lane (the shift within
+// sigma/sqrt(7) of the chunk's mean), the correction is at most a seventh
+// of M2 and adds at most that fraction of the sums' own rounding error.
+// Otherwise the group is done again with the two passes from its first row.
+// A single pass keeps the core asking memory for data instead of
+// re-reading L1 while the bus idles.
 // The moments of Q vectors of channels from j0 on, from the sums d1 of
 // d = x - shift and d2 of d^2 over `rows` rows, for the lanes that pass the
 // test above. Returns whether all did; if not, keep[j] tells which did. Each lane
