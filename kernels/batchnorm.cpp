@@ -650,11 +650,6 @@ void apply_part(const kernel_table& k, const apply_args& a, int64_t at, region r
 // Backward sums: sum(dy) and sum(dy * (x - mean)) per channel, in double,
 // chunks added in order (the same fixed order as the moments).
 
-struct sums {
-  double dy;
-  double dy_xmu;
-};
-
 // Chunk ch of NCHW channel c into acc.
 void nchw_chunk_sums(const kernel_table& k, const plan& p, const float* x, const float* dy,
                      int64_t c, float mean, const uint8_t* mask, int64_t ch, sums& acc) {
@@ -764,18 +759,10 @@ void nhwc_item_sums(const kernel_table& k, const plan& p, const float* x, const 
   }
 }
 
-// The backward pass of y = gamma * (x - mean) * invstd + beta, per channel
-// (docs/batchnorm.md derives it): with M values, xhat = (x - mean) * invstd,
-//   dbeta  = sum(dy)
-//   dgamma = sum(dy * xhat) = invstd * sum(dy * (x - mean))
-//   dx     = gamma * invstd * (dy - sum(dy)/M - xhat * sum(dy * xhat)/M)
-//          = a * dy + (x - mean) * b + c, with
-//   a = gamma * invstd, b = -a * invstd * sum(dy * xhat) / M, c = -a * sum(dy) / M.
-// With frozen statistics mean and invstd are constants: dx = a * dy.
-// sum(dy * (x - mean)) -> sum(dy * xhat).
-sums to_xhat(sums s, double invstd) { return {s.dy, s.dy_xmu * invstd}; }
-
+// The backward's coefficients (backward_coefficient in kernel_table.hpp)
+// into a, b and c, indexed by channel.
 struct backward_coefficients {
+  const kernel_table& k;
   const float* gamma;
   const double* invstd;  // per channel, from kernel_table::invstd
   double count;          // M
@@ -784,27 +771,24 @@ struct backward_coefficients {
   float* b;
   float* c;
 
-  // s: sum(dy) and sum(dy * xhat) of channel ch.
-  void operator()(int64_t ch, const sums& s) const {
-    const double ga = (gamma ? gamma[ch] : 1.f) * invstd[ch];
-    const bool constant = global || count == 0;
-    a[ch] = static_cast<float>(ga);
-    // Times 1/M, not divided by M twice (see two_pass_moments).
-    const double inv = constant ? 0.0 : 1.0 / count;
-    b[ch] = constant ? 0.f : static_cast<float>(-ga * invstd[ch] * s.dy_xmu * inv);
-    c[ch] = constant ? 0.f : static_cast<float>(-ga * s.dy * inv);
+  bool constant() const { return global || count == 0; }
+  double inv() const { return constant() ? 0.0 : 1.0 / count; }
+
+  // xhat: sum(dy) and sum(dy * xhat) of channel ch.
+  void operator()(int64_t ch, const sums& xhat) const {
+    backward_coefficient(xhat, gamma ? gamma[ch] : 1.f, invstd[ch], constant(), inv(), a + ch,
+                         b + ch, c + ch);
   }
 
-  // From s = sum(dy) and sum(dy * (x - mean)): the coefficients, and
-  // dgamma = sum(dy * xhat), dbeta = sum(dy) where those are not null.
-  void finish(int64_t ch, const sums& s, float* dgamma, float* dbeta) const {
-    const sums xhat = to_xhat(s, invstd[ch]);
-    if (dgamma) dgamma[ch] = static_cast<float>(xhat.dy_xmu);
-    if (dbeta) dbeta[ch] = static_cast<float>(xhat.dy);
-    (*this)(ch, xhat);
+  // From s[ch] = sum(dy) and sum(dy * (x - mean)) for the channels [c0, c1):
+  // the coefficients, and dgamma = sum(dy * xhat), dbeta = sum(dy) where
+  // those are not null.
+  void finish(int64_t c0, int64_t c1, const sums* s, float* dgamma, float* dbeta) const {
+    k.backward_coefficients(s + c0, gamma ? gamma + c0 : nullptr, invstd + c0, constant(), inv(),
+                            c1 - c0, dgamma ? dgamma + c0 : nullptr, dbeta ? dbeta + c0 : nullptr,
+                            a + c0, b + c0, c + c0);
   }
 };
-
 
 // ---------------------------------------------------------------------------
 // The reduction phases, each one parallel region. They allocate their
@@ -1681,8 +1665,8 @@ void apply_op(const bnorm_shape* shape, unsigned flags, const float* x, const fl
   const int64_t total = shape->n * shape->c * shape->spatial;
   if (total == 0) return;
   const bool global = flags & BNORM_GLOBAL_STATS;
-  const backward_coefficients coefficients{
-      gamma, invstd, static_cast<double>(count), global, coef, coef + p.c, coef + 2 * p.c};
+  const backward_coefficients coefficients{kernels(), gamma, invstd,     static_cast<double>(count),
+                                           global,    coef,  coef + p.c, coef + 2 * p.c};
   for (int64_t c = 0; c < p.c; ++c) coefficients(c, channel_sums ? channel_sums[c] : sums{0, 0});
   const int64_t bytes = 3 * total * static_cast<int64_t>(sizeof(float));
   float* aligned_mean = coef + 3 * p.c;
@@ -1992,9 +1976,9 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   if (!channel || !coef || !invstd) return out_of_memory(fn, p.c);
 
   const int64_t block = total == 0 ? 0 : nchw_backward_block(k, p, nt);
-  const backward_coefficients coefficients{gamma,      invstd.get(),    static_cast<double>(p.count),
-                                           global,     coef.get(),      coef.get() + p.c,
-                                           coef.get() + 2 * p.c};
+  const backward_coefficients coefficients{
+      k,      gamma,      invstd.get(),     static_cast<double>(p.count),
+      global, coef.get(), coef.get() + p.c, coef.get() + 2 * p.c};
   float* aligned_mean = coef.get() + 3 * p.c;  // as apply_op
   const apply_args args{global ? nullptr : x, dy,   dx,
                         aligned_mean,         coefficients.a, coefficients.b,
@@ -2008,7 +1992,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
       const item_range r = channels_of(p, tm.t, tm.threads);
       const int64_t c0 = r.begin, c1 = r.end;
       k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
-      for (int64_t c = c0; c < c1; ++c) coefficients.finish(c, channel[c], dgamma, dbeta);
+      coefficients.finish(c0, c1, channel.get(), dgamma, dbeta);
       std::copy(mean + c0, mean + c1, aligned_mean + c0);
       tm.barrier();
       apply_share(k, p, args, tm.t, tm.threads, true);
@@ -2042,7 +2026,10 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   parallel_for(nt, blocks, [&](int64_t b) {
     const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
     k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
-    auto done = [&](int64_t c, const sums& acc) { coefficients.finish(c, acc, dgamma, dbeta); };
+    auto done = [&](int64_t c, const sums& acc) {
+      channel[c] = acc;
+      coefficients.finish(c, c + 1, channel.get(), dgamma, dbeta);
+    };
     if (need_sums) {
       nchw_sums(k, p, x, dy, mean, mask, c0, c1, false, done);
     } else {

@@ -30,6 +30,36 @@ struct partial {
 static_assert(sizeof(moments) == 2 * sizeof(double) && sizeof(partial) == 3 * sizeof(double),
               "moments and partial are packed doubles");
 
+// The backward's sums of a channel: sum(dy) and sum(dy * (x - mean)), or,
+// after to_xhat, sum(dy * xhat).
+struct sums {
+  double dy;
+  double dy_xmu;
+};
+
+// sum(dy * (x - mean)) -> sum(dy * xhat).
+inline sums to_xhat(sums s, double invstd) { return {s.dy, s.dy_xmu * invstd}; }
+
+// The backward pass of y = gamma * (x - mean) * invstd + beta, per channel
+// (docs/batchnorm.md derives it): with M values, xhat = (x - mean) * invstd,
+//   dbeta  = sum(dy)
+//   dgamma = sum(dy * xhat) = invstd * sum(dy * (x - mean))
+//   dx     = gamma * invstd * (dy - sum(dy)/M - xhat * sum(dy * xhat)/M)
+//          = a * dy + (x - mean) * b + c, with
+//   a = gamma * invstd, b = -a * invstd * sum(dy * xhat) / M, c = -a * sum(dy) / M.
+// With frozen statistics mean and invstd are constants: dx = a * dy
+// (`constant`, b = c = 0). From xhat = sum(dy) and sum(dy * xhat): a, b and
+// c; inv = 1 / M (times 1/M, not divided by M twice, see two_pass_moments).
+// kernel_table::backward_coefficients gives the same bits, a vector of
+// channels at a time.
+inline void backward_coefficient(sums xhat, float gamma, double invstd, bool constant, double inv,
+                                 float* a, float* b, float* c) {
+  const double ga = gamma * invstd;
+  *a = static_cast<float>(ga);
+  *b = constant ? 0.f : static_cast<float>(-ga * invstd * xhat.dy_xmu * inv);
+  *c = constant ? 0.f : static_cast<float>(-ga * xhat.dy * inv);
+}
+
 // mean and population variance; NaN for both if the data held inf or NaN.
 // kernel_table::finish gives the same bits, a vector of channels at a time.
 inline void finish_moments(const partial& a, float* mean, float* var) {
@@ -139,6 +169,14 @@ struct kernel_table {
   // g = dy (zeroed where the ReLU bit is clear): s1 = sum(g), s2 = sum(g * (x - mean[j])).
   void (*plane_sums)(const float* x, const float* dy, region r, const float* mean,
                      relu_bits_in relu, float* s1, float* s2);
+
+  // For the channels j < n, from s[j] = sum(dy) and sum(dy * (x - mean)):
+  // xhat = to_xhat(s[j], invstd[j]), dgamma[j] = float(xhat.dy_xmu) and
+  // dbeta[j] = float(xhat.dy) (each if not null), and backward_coefficient
+  // with gamma[j] (gamma null: 1) into a[j], b[j], c[j].
+  void (*backward_coefficients)(const sums* s, const float* gamma, const double* invstd,
+                                bool constant, double inv, int64_t n, float* dgamma, float* dbeta,
+                                float* a, float* b, float* c);
 
   // invstd[j] = 1 / sqrt(double(var[j]) + eps) for j < n: the backward
   // coefficients' square root and division, a vector of channels at a time

@@ -1299,14 +1299,31 @@ template <class A>
 void backward_sums_out(const float* x, const float* dy, region r, int64_t j0, int64_t cols,
                        const float* mean, relu_bits_in relu_in, const float* a0, const float* a1,
                        double* sum_dy, double* sum_dy_xmu) {
-  for (int64_t k = 0; k < cols; ++k) {
-    sum_dy[j0 + k] = a0[k];
-    sum_dy_xmu[j0 + k] = a1[k];
-    if (!std::isfinite(a0[k]) || !std::isfinite(a1[k]))
-      backward_reduce_double<A>(x + j0 + k, dy + j0 + k, {r.rows, 1, r.stride}, mean[j0 + k],
-                                {relu_in.bits, relu_in.index + j0 + k}, sum_dy + j0 + k,
-                                sum_dy_xmu + j0 + k);
+  using D = simd::vdouble<A>;
+  constexpr int64_t N = D::size;
+  auto lanes = [&](int64_t k, int64_t end) {
+    for (; k < end; ++k) {
+      sum_dy[j0 + k] = a0[k];
+      sum_dy_xmu[j0 + k] = a1[k];
+      if (!std::isfinite(a0[k]) || !std::isfinite(a1[k]))
+        backward_reduce_double<A>(x + j0 + k, dy + j0 + k, {r.rows, 1, r.stride}, mean[j0 + k],
+                                  {relu_in.bits, relu_in.index + j0 + k}, sum_dy + j0 + k,
+                                  sum_dy_xmu + j0 + k);
+    }
+  };
+  // A vector of channels at a time where all are finite (the conversions
+  // are exact: the same values).
+  int64_t k = 0;
+  for (; k + N <= cols; k += N) {
+    const D s0 = simd::load_widened<A>(a0 + k), s1 = simd::load_widened<A>(a1 + k);
+    if (xsimd::all(finite<A>(s0) && finite<A>(s1))) {
+      s0.store_unaligned(sum_dy + j0 + k);
+      s1.store_unaligned(sum_dy_xmu + j0 + k);
+    } else {
+      lanes(k, k + N);
+    }
   }
+  lanes(k, cols);
 }
 
 // Compiled with and without the ReLU mask: with the test in the loop, GCC
@@ -1451,6 +1468,34 @@ void backward_reduce_nhwc(const float* x, const float* dy, region r, const float
   }
 }
 
+template <class A>
+void backward_coefficients(const sums* s, const float* gamma, const double* invstd, bool constant,
+                           double inv, int64_t n, float* dgamma, float* dbeta, float* a, float* b,
+                           float* c) {
+  using D = simd::vdouble<A>;
+  constexpr int64_t N = D::size;
+  int64_t j = 0;
+  for (; j + N <= n; j += N) {
+    D dy, dy_xmu;
+    simd::load_pairs<A>(reinterpret_cast<const double*>(s + j), &dy, &dy_xmu);
+    const D is = D::load_unaligned(invstd + j);
+    const D hat = dy_xmu * is;  // to_xhat
+    if (dgamma) simd::store_narrowed<A>(dgamma + j, hat);
+    if (dbeta) simd::store_narrowed<A>(dbeta + j, dy);
+    const D ga = (gamma ? simd::load_widened<A>(gamma + j) : D(1.0)) * is;
+    simd::store_narrowed<A>(a + j, ga);
+    const D zero(0.0), m(inv);
+    simd::store_narrowed<A>(b + j, constant ? zero : -ga * is * hat * m);
+    simd::store_narrowed<A>(c + j, constant ? zero : -ga * dy * m);
+  }
+  for (; j < n; ++j) {
+    const sums xhat = to_xhat(s[j], invstd[j]);
+    if (dgamma) dgamma[j] = static_cast<float>(xhat.dy_xmu);
+    if (dbeta) dbeta[j] = static_cast<float>(xhat.dy);
+    backward_coefficient(xhat, gamma ? gamma[j] : 1.f, invstd[j], constant, inv, a + j, b + j,
+                         c + j);
+  }
+}
 
 template <class A>
 void invstd(const float* var, float eps, int64_t n, double* out) {
@@ -1628,6 +1673,7 @@ kernel_table make_kernel_table(const char* isa) {
           backward_reduce_nhwc<A>,
           plane_deviations<A>,
           plane_sums<A>,
+          backward_coefficients<A>,
           invstd<A>,
           running_stats<A>,
           backward_apply_nchw<A>,

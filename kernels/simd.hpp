@@ -115,6 +115,25 @@ inline void store_pairs(double* p, vdouble<A> a, vdouble<A> b) {
   }
 }
 
+// a[i] = p[2i], b[i] = p[2i + 1]: the pairs of store_pairs.
+template <class A>
+inline void load_pairs(const double* p, vdouble<A>* a, vdouble<A>* b) {
+  if constexpr (is_avx512<A>) {
+    const __m512d u = _mm512_loadu_pd(p), v = _mm512_loadu_pd(p + 8);
+    *a = _mm512_permutex2var_pd(u, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), v);
+    *b = _mm512_permutex2var_pd(u, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), v);
+  } else {
+    constexpr int64_t N = vdouble<A>::size;
+    alignas(64) double x[N], y[N];
+    for (int64_t i = 0; i < N; ++i) {
+      x[i] = p[2 * i];
+      y[i] = p[2 * i + 1];
+    }
+    *a = vdouble<A>::load_aligned(x);
+    *b = vdouble<A>::load_aligned(y);
+  }
+}
+
 // a[i] = p[3i], b[i] = p[3i + 1], c[i] = p[3i + 2]: triples of doubles.
 template <class A>
 inline void load_triples(const double* p, vdouble<A>* a, vdouble<A>* b, vdouble<A>* c) {
