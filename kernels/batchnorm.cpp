@@ -2027,7 +2027,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
     const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
     k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
     auto done = [&](int64_t c, const sums& acc) {
-      channel[c] = acc;
+      channel[c] = acc;  // the kernel takes an array (this block's channels: no other thread's)
       coefficients.finish(c, c + 1, channel.get(), dgamma, dbeta);
     };
     if (need_sums) {

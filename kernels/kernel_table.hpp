@@ -37,6 +37,11 @@ struct sums {
   double dy_xmu;
 };
 
+// The scalar forms of some kernels, compiled by batchnorm.cpp (SSE2) and by
+// every arch_*.cpp with its own -m flags: internal linkage, so that no
+// translation unit calls another's copy (see microkernels.hpp).
+namespace {
+
 // sum(dy * (x - mean)) -> sum(dy * xhat).
 inline sums to_xhat(sums s, double invstd) { return {s.dy, s.dy_xmu * invstd}; }
 
@@ -71,6 +76,8 @@ inline void finish_moments(const partial& a, float* mean, float* var) {
     *mean = *var = std::numeric_limits<float>::quiet_NaN();
   }
 }
+
+}  // namespace
 
 // `rows` rows of `cols` floats, consecutive rows `stride` floats apart.
 struct region {

@@ -22,6 +22,10 @@
 
 namespace bnorm {
 namespace kernels_for {
+// Internal linkage: every arch_*.cpp compiles its own copy of each function
+// here with its own -m flags. Shared (inline, external) definitions would let
+// the linker keep one copy, possibly the AVX-512 one, for the SSE2 kernels too.
+namespace {
 
 using simd::bit_writer;
 using simd::from_bits;
@@ -316,7 +320,7 @@ inline xsimd::batch_bool<double, A> finite(simd::vdouble<A> v) {
 
 // The moments of vdouble<A>::size channels from their float sums s1 of
 // d = x - c and s2 of d^2 over n values (inv = 1 / n), in double:
-// {c + s1 / n, max(0, s2 - s1^2 / n)}, lane by lane the operations of
+// {c + s1 * inv, max(0, s2 - s1^2 * inv)}, lane by lane the operations of
 // finished() below (no fused multiply-add: -ffp-contract=off), so the same
 // bits. Writes nothing and returns false if a lane's sums are not finite.
 // The scalar loop held 2048 channels of one row (NHWC 1x2048x7x7) for 2.5
@@ -386,7 +390,8 @@ bool shifted_moments(int64_t rows, int64_t j0, const float* shift, const simd::v
   if (all) {
     constexpr int64_t N = simd::vdouble<A>::size;
     for (int64_t j = 0; j < Q * W; j += N)
-      finish_lanes<A>(shift + j0 + j, s1 + j, s2 + j, inv, out + j0 + j);  // finite: passed
+      // Finite: a lane passes only with d2 <= FLT_MAX and 8 d1^2 <= n d2.
+      finish_lanes<A>(shift + j0 + j, s1 + j, s2 + j, inv, out + j0 + j);
     return true;
   }
   for (int64_t j = 0; j < Q * W; ++j) {
@@ -1484,9 +1489,12 @@ void backward_coefficients(const sums* s, const float* gamma, const double* invs
     if (dbeta) simd::store_narrowed<A>(dbeta + j, dy);
     const D ga = (gamma ? simd::load_widened<A>(gamma + j) : D(1.0)) * is;
     simd::store_narrowed<A>(a + j, ga);
-    const D zero(0.0), m(inv);
-    simd::store_narrowed<A>(b + j, constant ? zero : -ga * is * hat * m);
-    simd::store_narrowed<A>(c + j, constant ? zero : -ga * dy * m);
+    // -ga as the scalar code negates: the sign bit flipped. xsimd 8.1's
+    // avx512f negation is 0 - ga, +0 for ga = +0 (gamma = 0) where the
+    // scalar -ga is -0, and the sign of b's and c's zeros reaches dx.
+    const D minus_ga = xsimd::bitwise_xor(ga, D(-0.0)), zero(0.0), m(inv);
+    simd::store_narrowed<A>(b + j, constant ? zero : minus_ga * is * hat * m);
+    simd::store_narrowed<A>(c + j, constant ? zero : minus_ga * dy * m);
   }
   for (; j < n; ++j) {
     const sums xhat = to_xhat(s[j], invstd[j]);
@@ -1653,6 +1661,7 @@ void backward_apply_nhwc(const float* x, const float* dy, float* dx, region r, c
   }
 }
 
+}  // namespace
 }  // namespace kernels_for
 
 // The table of microkernels compiled for instruction set A.

@@ -13,6 +13,7 @@
 
 namespace bnorm {
 namespace simd {
+namespace {  // internal linkage, as microkernels.hpp's kernels_for
 
 template <class A>
 using vfloat = xsimd::batch<float, A>;
@@ -352,5 +353,6 @@ class bit_writer {
   uint64_t acc_ = 0;
 };
 
+}  // namespace
 }  // namespace simd
 }  // namespace bnorm
