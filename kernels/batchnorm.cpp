@@ -2026,15 +2026,15 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   parallel_for(nt, blocks, [&](int64_t b) {
     const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
     k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
-    auto done = [&](int64_t c, const sums& acc) {
-      channel[c] = acc;  // the kernel takes an array (this block's channels: no other thread's)
-      coefficients.finish(c, c + 1, channel.get(), dgamma, dbeta);
-    };
+    // The block's sums (its own channels: no other thread's), then their
+    // coefficients a vector of channels at a time.
     if (need_sums) {
-      nchw_sums(k, p, x, dy, mean, mask, c0, c1, false, done);
+      nchw_sums(k, p, x, dy, mean, mask, c0, c1, false,
+                [&](int64_t c, const sums& acc) { channel[c] = acc; });
     } else {
-      for (int64_t c = c0; c < c1; ++c) done(c, sums{0, 0});
+      std::fill(channel.get() + c0, channel.get() + c1, sums{0, 0});
     }
+    coefficients.finish(c0, c1, channel.get(), dgamma, dbeta);
     for (int64_t n = 0; n < p.rows; ++n) {
       if (ahead && c1 < p.c) {
         const block_part next = image_part(p, n, c1, std::min(p.c, c1 + block));

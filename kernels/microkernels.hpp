@@ -1263,7 +1263,10 @@ void backward_reduce_nchw_group(const float* x, const float* dy, region r, int64
 }
 
 // kernel_table::plane_sums, four rows at a time in memory order (as
-// deviation_rows), compiled with and without the mask.
+// deviation_rows), compiled with and without the mask. The same sums as
+// backward_reduce_rows_into's loop; that one (a row at a time) as this
+// template with one row per step took 45% longer (NHWC backward_reduce
+// 8x256x14x14 in cache, 31 -> 46 us, session 18), so both stay.
 template <class A, bool Relu>
 void plane_sums_rows(const float* x, const float* dy, region r, const float* mean,
                      relu_bits_in relu_in, float* s1, float* s2) {
