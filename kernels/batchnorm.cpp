@@ -1401,10 +1401,10 @@ void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, i
 // same as the phases', so the results are bitwise the same.
 //
 // Blocks hold as many channels as fit, x and dy, in a quarter of L2 (the
-// next block is arriving meanwhile), and every thread gets at least four
+// next block is arriving meanwhile), else in a quarter of the thread's share
+// of the L3 (no requests ahead then), and every thread gets at least four
 // blocks. Returns 0 (use the phases) when there are too few channels, when
-// one channel does not fit (its block would come back from L3 or memory in
-// the second pass, in as many short runs as images), or when an image's
+// one channel does not fit even the L3's quarter, or when an image's
 // part of a block would be shorter than kMinRunBytes: short runs cost their
 // fixed overhead and split cache lines at both ends, and measured slower
 // than the two phases (7x7 and, at large batches, 14x14 ResNet-50 layers;
@@ -1508,7 +1508,16 @@ int64_t nchw_backward_block(const kernel_table& k, const plan& p, int nt) {
   if (p.nhwc || short_planes(p, kPlaneSumsRows) || (nt > 1 && p.c < 4 * nt)) return 0;
   if (!stream_for((arrays + 1) * p.count * p.c * static_cast<int64_t>(sizeof(float)))) return 0;
   const int64_t per_channel = p.count * static_cast<int64_t>(sizeof(float)) * arrays;
-  const int64_t fit = l2_bytes() / 4 / per_channel;
+  // Channels larger than a quarter of L2 go in blocks of a quarter of each
+  // thread's share of the L3 instead: the second pass then reads the L3,
+  // not memory (read 2S + write S against 4S + S in phases). On AMD Zen 3
+  // (512 KiB L2, 32 MiB L3; session 19, bnorm_ab, both orders) against the
+  // phases: 32x64x112x112 -25%, 8x64x112x112 -22%, 32x256x56x56 -17%,
+  // 128x256x56x56 -15%, 128x512x28x28 -15%, 128x64x56x56 -13%,
+  // 128x128x28x28 -2%. Channels of more than that (128x64x112x112, 12.5 MiB
+  // of x and dy) take the phases.
+  int64_t fit = l2_bytes() / 4 / per_channel;
+  if (fit == 0) fit = cache_bytes() / (4 * nt) / per_channel;
   if (fit == 0) return 0;
   int64_t block = std::min(fit, std::max<int64_t>(1, p.c / (4 * nt)));
   if (grouped(p)) block = (block + k.width - 1) / k.width * k.width;  // whole groups
