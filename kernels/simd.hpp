@@ -284,24 +284,31 @@ inline void opaque(vfloat<A>& v) {
   asm("" : "+v"(v.data));
 }
 
+// Lane i: bit i.
+alignas(64) constexpr int32_t kLaneBit[16] = {1,   2,   4,    8,    16,   32,   64,    128,
+                                              256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
+
+// AVX and SSE2: the lanes i whose bit lane_bits[i] (one bit each) is set in
+// `bits`. An integer compare (the float compare of the lanes converted to
+// float took one more instruction per vector).
+template <class A>
+inline vmask<A> lanes_with_bits(uint32_t bits, xsimd::batch<int32_t, A> lane_bits) {
+  static_assert(!is_avx512<A>, "AVX-512 takes its mask register from the bits");
+  const xsimd::batch<int32_t, A> set =
+      xsimd::batch<int32_t, A>(static_cast<int32_t>(bits)) & lane_bits;
+  if constexpr (is_avx<A>)
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, lane_bits));
+  else
+    return _mm_castsi128_ps(_mm_cmpeq_epi32(set, lane_bits));
+}
+
 // Bit i -> lane i of the mask.
 template <class A>
 inline vmask<A> from_bits(uint32_t bits) {
   if constexpr (is_avx512<A>) {
     return vmask<A>(static_cast<__mmask16>(bits));
   } else {
-    using vint = xsimd::batch<int32_t, A>;
-    alignas(64) static const int32_t lane_bit[16] = {1,     2,     4,     8,    16,   32,
-                                                     64,    128,   256,   512,  1024, 2048,
-                                                     4096,  8192,  16384, 32768};
-    const vint bit = vint::load_aligned(lane_bit);
-    const vint set = vint(static_cast<int32_t>(bits)) & bit;
-    // An integer compare (the float compare of the lanes converted to float
-    // took one more instruction per vector).
-    if constexpr (is_avx<A>)
-      return _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, bit));
-    else
-      return _mm_castsi128_ps(_mm_cmpeq_epi32(set, bit));
+    return lanes_with_bits<A>(bits, xsimd::batch<int32_t, A>::load_aligned(kLaneBit));
   }
 }
 

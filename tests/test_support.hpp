@@ -19,6 +19,15 @@
 
 #include "reference.hpp"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define BNORM_TEST_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define BNORM_TEST_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define BNORM_TEST_POISON(p, n) ((void)(p), (void)(n))
+#define BNORM_TEST_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 namespace bnorm_test {
 
 // f32 unit roundoff: every correctly rounded f32 operation has relative error <= u.
@@ -42,6 +51,8 @@ T sentinel() {
 // Heap buffer of `count` elements whose data starts `offset` elements past a 64-byte boundary,
 // with guard zones before and after (64 bytes + offset, and 64 bytes) holding the sentinel.
 // A kernel that writes outside [data, data+count) changes a guard; guards_intact() notices.
+// Under AddressSanitizer the guards are poisoned too, so that a read of them fails at once
+// (a 16-bit read of a ReLU mask's last byte, say, which the sentinel would hide).
 template <class T>
 class Buffer {
  public:
@@ -54,6 +65,7 @@ class Buffer {
     if (posix_memalign(&p, 64, bytes) != 0) throw std::bad_alloc();
     base_ = static_cast<T*>(p);
     std::fill(base_, base_ + total_, sentinel<T>());
+    poison_guards();
   }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
@@ -62,7 +74,10 @@ class Buffer {
     swap(o);
     return *this;
   }
-  ~Buffer() { std::free(base_); }
+  ~Buffer() {
+    unpoison_guards();
+    std::free(base_);
+  }
 
   T* data() { return base_ + front_; }
   const T* data() const { return base_ + front_; }
@@ -76,19 +91,34 @@ class Buffer {
 
   bool guards_intact() const {
     const T s = sentinel<T>();
+    bool intact = true;
+    unpoison_guards();
     for (size_t i = 0; i < front_; ++i)
-      if (std::memcmp(&base_[i], &s, sizeof(T)) != 0) return false;
+      if (std::memcmp(&base_[i], &s, sizeof(T)) != 0) intact = false;
     for (size_t i = front_ + count_; i < total_; ++i)
-      if (std::memcmp(&base_[i], &s, sizeof(T)) != 0) return false;
-    return true;
+      if (std::memcmp(&base_[i], &s, sizeof(T)) != 0) intact = false;
+    poison_guards();
+    return intact;
   }
   // Every byte, guards included: compare before/after to prove a call wrote nothing.
   std::vector<uint8_t> raw_bytes() const {
     const uint8_t* b = reinterpret_cast<const uint8_t*>(base_);
-    return std::vector<uint8_t>(b, b + total_ * sizeof(T));
+    unpoison_guards();
+    std::vector<uint8_t> bytes(b, b + total_ * sizeof(T));
+    poison_guards();
+    return bytes;
   }
 
  private:
+  void poison_guards() const {
+    if (!base_) return;
+    BNORM_TEST_POISON(base_, front_ * sizeof(T));
+    BNORM_TEST_POISON(base_ + front_ + count_, (total_ - front_ - count_) * sizeof(T));
+  }
+  void unpoison_guards() const {
+    if (base_) BNORM_TEST_UNPOISON(base_, total_ * sizeof(T));
+  }
+
   void swap(Buffer& o) {
     std::swap(count_, o.count_);
     std::swap(front_, o.front_);
