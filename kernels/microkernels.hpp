@@ -824,6 +824,33 @@ class row_bits {
   vint lanes_;
 };
 
+// The ReLU mode of a reduction over the rows of r, whole vectors from
+// column j0 on (j0 + a multiple of W): bytes when every vector's bits start
+// a mask byte (rows of a multiple of 8 values from a byte boundary), else
+// bits. In bytes mode a vector's bits are one load, where bits mode
+// assembles them byte by byte and shifts them into place (NHWC backward
+// sums with ReLU of 8x2048x7x7 on AVX2: 13.2M -> 7.8M instructions,
+// callgrind; bnorm_ab backward with ReLU 32x512x7x7 -14%, 1x256x14x14 -8%,
+// 8x2048x7x7 -7%).
+template <class A>
+relu_mode rows_relu_mode(relu_bits_in relu_in, region r, int64_t j0) {
+  if (!relu_in.bits) return relu_mode::none;
+  const bool bytes = simd::vfloat<A>::size % 8 == 0 && (relu_in.index + j0) % 8 == 0 &&
+                     (r.rows == 1 || r.stride % 8 == 0);
+  return bytes ? relu_mode::bytes : relu_mode::bits;
+}
+
+// Calls f(mode) with mode (none, bits or bytes) as a compile-time constant.
+template <class F>
+void with_relu_mode(relu_mode mode, F f) {
+  if (mode == relu_mode::bytes)
+    f(std::integral_constant<relu_mode, relu_mode::bytes>{});
+  else if (mode == relu_mode::bits)
+    f(std::integral_constant<relu_mode, relu_mode::bits>{});
+  else
+    f(std::integral_constant<relu_mode, relu_mode::none>{});
+}
+
 // Calls f(mode, stream) with both as compile-time constants
 // (std::integral_constant), so that a kernel is compiled once per pair and
 // its loop tests neither.
@@ -1315,7 +1342,7 @@ void backward_reduce_nchw_group(const float* x, const float* dy, region r, int64
 // backward_reduce_rows_into's loop; that one (a row at a time) as this
 // template with one row per step took 45% longer (NHWC backward_reduce
 // 8x256x14x14 in cache, 31 -> 46 us, session 18), so both stay.
-template <class A, bool Relu>
+template <class A, relu_mode Relu>
 void plane_sums_rows(const float* x, const float* dy, region r, const float* mean,
                      relu_bits_in relu_in, float* s1, float* s2) {
   using V = simd::vfloat<A>;
@@ -1330,7 +1357,8 @@ void plane_sums_rows(const float* x, const float* dy, region r, const float* mea
     for (int u = 0; u < decltype(rows)::value; ++u) {
       const int64_t at = (i + u) * r.stride + j;
       V g = V::load_unaligned(dy + at);
-      if (Relu) g = masked<A>(g, relu_in.bits, relu_in.index + at, W);
+      if constexpr (Relu != relu_mode::none)
+        g = masked<A, Relu>(g, relu_in.bits, relu_in.index + at, W);
       a1 += g;
       a2 = madd(g, V::load_unaligned(x + at) - m, a2);
     }
@@ -1342,10 +1370,9 @@ void plane_sums_rows(const float* x, const float* dy, region r, const float* mea
 template <class A>
 void plane_sums(const float* x, const float* dy, region r, const float* mean, relu_bits_in relu_in,
                 float* s1, float* s2) {
-  if (relu_in.bits)
-    plane_sums_rows<A, true>(x, dy, r, mean, relu_in, s1, s2);
-  else
-    plane_sums_rows<A, false>(x, dy, r, mean, relu_in, s1, s2);
+  with_relu_mode(rows_relu_mode<A>(relu_in, r, 0), [&](auto mode) {
+    plane_sums_rows<A, decltype(mode)::value>(x, dy, r, mean, relu_in, s1, s2);
+  });
 }
 
 // NHWC: as moments_nhwc, Q vectors of channels at a time in registers.
@@ -1386,7 +1413,7 @@ void backward_sums_out(const float* x, const float* dy, region r, int64_t j0, in
 // 12 kept Q = 4's accumulators in memory, a store and a load on every add's
 // dependency chain, and the NHWC sums of 64 and 128 channels in cache took
 // up to twice as long as the NCHW ones.
-template <class A, int Q, bool Relu>
+template <class A, int Q, relu_mode Relu>
 void backward_reduce_columns(const float* x, const float* dy, region r, int64_t j0,
                              const float* mean, relu_bits_in relu_in, double* sum_dy,
                              double* sum_dy_xmu) {
@@ -1410,7 +1437,8 @@ void backward_reduce_columns(const float* x, const float* dy, region r, int64_t 
 #pragma GCC unroll 8
       for (int q = 0; q < Q; ++q) {
         V g = V::load_unaligned(dy + at + q * W);
-        if constexpr (Relu) g = masked<A>(g, relu_in.bits, relu_in.index + at + q * W, W);
+        if constexpr (Relu != relu_mode::none)
+          g = masked<A, Relu>(g, relu_in.bits, relu_in.index + at + q * W, W);
         s0[q] += g;
         s1[q] = madd(g, V::load_unaligned(x + at + q * W) - vm[q], s1[q]);
       }
@@ -1438,7 +1466,7 @@ void backward_reduce_columns(const float* x, const float* dy, region r, int64_t 
 // 8x256x14x14 -4%, 1x512x28x28 -4%); two rows per load and store of the
 // sums measured +2..+5% (session 13).
 
-template <class A, bool Relu>
+template <class A, relu_mode Relu>
 __attribute__((always_inline)) inline void backward_reduce_rows_into(
     const float* x, const float* dy, region r, const float* mean, relu_bits_in relu_in, float* a0,
     float* a1, double* sum_dy, double* sum_dy_xmu) {
@@ -1452,7 +1480,8 @@ __attribute__((always_inline)) inline void backward_reduce_rows_into(
   stream_rows<A, 1>(r, 0, r.cols, [&](int64_t i, int64_t j, auto) {
     const int64_t at = i * r.stride + j;
     V g = V::load_unaligned(dy + at);
-    if constexpr (Relu) g = masked<A>(g, relu_in.bits, relu_in.index + at, W);
+    if constexpr (Relu != relu_mode::none)
+      g = masked<A, Relu>(g, relu_in.bits, relu_in.index + at, W);
     (V::load_aligned(a0 + j) + g).store_aligned(a0 + j);
     madd(g, V::load_unaligned(x + at) - V::load_unaligned(mean + j), V::load_aligned(a1 + j))
         .store_aligned(a1 + j);
@@ -1463,7 +1492,7 @@ __attribute__((always_inline)) inline void backward_reduce_rows_into(
 // The sums in arrays on the stack (in cache) or placed by row_sums (Far):
 // NHWC backward beyond the L3 (bnorm_ab) 32x256x56x56 -17..-31%,
 // 65536x256 -16..-22%, 32x512x28x28 -12..-17%, 8x256x56x56 -14..-20%.
-template <class A, bool Relu, bool Far>
+template <class A, relu_mode Relu, bool Far>
 void backward_reduce_rows(const float* x, const float* dy, region r, const float* mean,
                           relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu) {
   if constexpr (Far) {
@@ -1481,11 +1510,11 @@ void backward_reduce_nhwc(const float* x, const float* dy, region r, const float
                           relu_bits_in relu_in, bool far, double* sum_dy, double* sum_dy_xmu) {
   constexpr int64_t W = simd::vfloat<A>::size;
   if (r.stride >= kOneRowFrom && r.stride <= kStreamBlock && r.cols % W == 0) {
-    auto rows = relu_in.bits ? (far ? backward_reduce_rows<A, true, true>
-                                    : backward_reduce_rows<A, true, false>)
-                             : (far ? backward_reduce_rows<A, false, true>
-                                    : backward_reduce_rows<A, false, false>);
-    rows(x, dy, r, mean, relu_in, sum_dy, sum_dy_xmu);
+    with_relu_mode(rows_relu_mode<A>(relu_in, r, 0), [&](auto mode) {
+      constexpr relu_mode Relu = decltype(mode)::value;
+      auto rows = far ? backward_reduce_rows<A, Relu, true> : backward_reduce_rows<A, Relu, false>;
+      rows(x, dy, r, mean, relu_in, sum_dy, sum_dy_xmu);
+    });
     return;
   }
   // Wider rows in memory order four at a time, as moments_nhwc does, measured
@@ -1498,10 +1527,10 @@ void backward_reduce_nhwc(const float* x, const float* dy, region r, const float
   int64_t j = 0;
   auto columns = [&](auto q, int64_t j0) {
     constexpr int Q = decltype(q)::value;
-    if (relu_in.bits)
-      backward_reduce_columns<A, Q, true>(x, dy, r, j0, mean, relu_in, sum_dy, sum_dy_xmu);
-    else
-      backward_reduce_columns<A, Q, false>(x, dy, r, j0, mean, relu_in, sum_dy, sum_dy_xmu);
+    with_relu_mode(rows_relu_mode<A>(relu_in, r, j0), [&](auto mode) {
+      backward_reduce_columns<A, Q, decltype(mode)::value>(x, dy, r, j0, mean, relu_in, sum_dy,
+                                                           sum_dy_xmu);
+    });
   };
   if (W == 16 && r.cols == 8 * W && r.stride == r.cols) {
     columns(std::integral_constant<int, 8>{}, 0);
