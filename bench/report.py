@@ -487,7 +487,7 @@ def write_markdown(res, path, images, img_rel):
     w(("- **time/copy** (in parentheses after GB/s) is the row's %s time divided by the time "
       "of a copy that moves the same traffic: a copy of S bytes for forward operations, of "
       "1.5 S bytes for backward. The copy reads with normal loads and writes with streaming "
-      "stores (`_mm512_stream_ps`), both threads, COPY_BUFFERS; it is timed right "
+      "stores (the widest the CPU has: the Copy row above), both threads, COPY_BUFFERS; it is timed right "
       "before each row (best of 9 batches), because this machine's memory bandwidth drifts "
       "by a factor of two over an hour (other virtual machines share it; see *The machine "
       "today* below). Rows run iterations for at least the min time; GB/s and speed-ups use "
@@ -521,8 +521,9 @@ def write_markdown(res, path, images, img_rel):
     if res.machine:
         w("## The machine today")
         w("")
-        w("Best GB/s of reads + writes with both threads (AVX-512 loops, four accumulators for "
-          "the read), measured in the same run. Beyond the L3 cache, every operation that "
+        w("Best GB/s of reads + writes with both threads (loops of the copy's instruction "
+          "set, four accumulators for the read), measured in the same run. Beyond the L3 "
+          "cache, every operation that "
           "writes with ordinary stores pays a read of each written line first; streaming "
           "stores do not, and this is the gap that the time/copy ratios measure.")
         w("")
