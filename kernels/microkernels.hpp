@@ -1279,8 +1279,9 @@ lane_sums<A> channel_sums(const float* x, const float* dy, region r, float mean,
   for (int64_t i = 0; i < r.rows; ++i) {
     const int64_t at = i * r.stride;
     if constexpr (W == 8) {
-      // The tail's word, too, ends before the next row's bits when a row
-      // holds at least 8 values.
+      // Row i + 1 is in the mask and its last bit is at least 8 bits past
+      // the first of every word read here (the tail's too, rows being at
+      // least 8 values apart): both bytes of each word are the mask's.
       if (relu_in.bits && i + 1 < r.rows && r.stride >= W) {
         const row_bits<A> bits(relu_in.bits, relu_in.index + at);
         row(at, [&](int64_t c, int64_t n) {

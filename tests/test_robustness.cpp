@@ -656,13 +656,16 @@ Outputs run_split(const Problem& p) {
 // rows and with several, NHWC phases; 1 and 2 threads. Every third gamma is 0 (models start some
 // there): the backward's coefficients are then zeros whose signs reach dx, and the operators
 // compute them in vector lanes where backward_apply computes them one channel at a time (the
-// AVX-512 negation of session 18's first version gave +0 for -0).
+// AVX-512 negation of session 18's first version gave +0 for -0). The last shape's channels
+// (80000 values, 640 KB of x and dy) are larger than a quarter of any L2 up to 2 MiB: with
+// BNORM_CACHE_BYTES = 16 MiB (ctest's l3_blocks run) the NCHW backward takes blocks sized
+// from the L3.
 TEST(Robustness, OperatorsAreBitwiseTheirSplitPhases) {
   OmpThreadsGuard guard;
   struct {
     int64_t n, c, s;
   } shapes[] = {{4, 64, 1024}, {3, 5, 33},   {1, 300, 49}, {3, 130, 200}, {2, 70, 1500},
-                {600, 77, 1},  {8, 200, 49}, {70, 67, 49}, {20, 80, 196}};
+                {600, 77, 1},  {8, 200, 49}, {70, 67, 49}, {20, 80, 196}, {2, 24, 40000}};
   int k = 0;
   for (int nt : {1, 2})
     for (bnorm_layout layout : kLayouts)
