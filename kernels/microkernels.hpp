@@ -862,14 +862,10 @@ void with_modes(relu_mode mode, bool stream, F f) {
     else
       f(m, std::false_type{});
   };
-  if (mode == relu_mode::none)
-    with_stream(std::integral_constant<relu_mode, relu_mode::none>{});
-  else if (mode == relu_mode::clamp)
+  if (mode == relu_mode::clamp)
     with_stream(std::integral_constant<relu_mode, relu_mode::clamp>{});
-  else if (mode == relu_mode::bits)
-    with_stream(std::integral_constant<relu_mode, relu_mode::bits>{});
   else
-    with_stream(std::integral_constant<relu_mode, relu_mode::bytes>{});
+    with_relu_mode(mode, with_stream);
 }
 
 // NCHW elementwise kernels walk a flat_run in memory order, a vector at a
@@ -1236,9 +1232,7 @@ void backward_reduce_double(const float* x, const float* dy, region r, double me
 // clear; 0 in the other lanes.
 template <class A>
 inline simd::vfloat<A> load_dy(const float* dy, int64_t n, relu_bits_in relu_in, int64_t index) {
-  using V = simd::vfloat<A>;
-  constexpr int64_t W = V::size;
-  const V g = n == W ? V::load_unaligned(dy) : simd::load_first<A>(dy, n);
+  const simd::vfloat<A> g = load_n<A>(dy, n);
   return relu_in.bits ? masked<A>(g, relu_in.bits, index, n) : g;
 }
 
@@ -1284,10 +1278,7 @@ lane_sums<A> channel_sums(const float* x, const float* dy, region r, float mean,
       // least 8 values apart): both bytes of each word are the mask's.
       if (relu_in.bits && i + 1 < r.rows && r.stride >= W) {
         const row_bits<A> bits(relu_in.bits, relu_in.index + at);
-        row(at, [&](int64_t c, int64_t n) {
-          return bits.keep(
-              n == W ? V::load_unaligned(dy + at + c) : simd::load_first<A>(dy + at + c, n), c);
-        });
+        row(at, [&](int64_t c, int64_t n) { return bits.keep(load_n<A>(dy + at + c, n), c); });
         continue;
       }
     }

@@ -180,6 +180,14 @@ inline void store(float* p, vfloat<A> v, bool stream) {
   }
 }
 
+// AVX: all ones in the lanes below n, the mask of a masked load or store.
+template <class A>
+inline __m256i lanes_below(int64_t n) {
+  static_assert(is_avx<A>, "AVX");
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
+}
+
 // The first n < W lanes: loaded from p (reading only those n floats),
 // stored to p, or selected. For tails of rows, so that a row of 49 floats
 // costs four AVX-512 iterations and no scalar loop.
@@ -188,8 +196,7 @@ inline vfloat<A> load_first(const float* p, int64_t n) {
   if constexpr (is_avx512<A>) {
     return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
   } else if constexpr (is_avx<A>) {
-    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes));
+    return _mm256_maskload_ps(p, lanes_below<A>(n));
   } else {
     alignas(16) float buffer[vfloat<A>::size] = {};
     for (int64_t i = 0; i < n; ++i) buffer[i] = p[i];
@@ -202,8 +209,7 @@ inline void store_first(float* p, vfloat<A> v, int64_t n) {
   if constexpr (is_avx512<A>) {
     _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), v);
   } else if constexpr (is_avx<A>) {
-    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes), v);
+    _mm256_maskstore_ps(p, lanes_below<A>(n), v);
   } else {
     alignas(16) float buffer[vfloat<A>::size];
     v.store_aligned(buffer);
@@ -227,13 +233,10 @@ inline vfloat<A> load_wrapped(const float* p, int64_t k, const float* first) {
     // below) waited for the buffer's stores on every call: NHWC inference
     // of 64 channels from buffers 16 bytes past a page, where one vector a
     // row wraps, took 3.4 copies against 1.0 aligned (8x64x112x112).
-    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i low = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), lanes);
     const auto* before_first =
         reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(first) - k * sizeof(float));
-    return _mm256_or_ps(
-        _mm256_maskload_ps(p, low),
-        _mm256_maskload_ps(before_first, _mm256_xor_si256(low, _mm256_set1_epi32(-1))));
+    const __m256i high = _mm256_xor_si256(lanes_below<A>(k), _mm256_set1_epi32(-1));
+    return _mm256_or_ps(load_first<A>(p, k), _mm256_maskload_ps(before_first, high));
   } else {
     alignas(64) float buffer[vfloat<A>::size];
     for (int64_t i = 0; i < k; ++i) buffer[i] = p[i];
