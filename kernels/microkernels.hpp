@@ -957,14 +957,19 @@ class channel_walker {
 // any; walk_head: so that the full vectors' stores are aligned, streaming
 // stores must be, or their mask bits in whole bytes), full vectors, and a
 // shorter last one. Vectors within one channel take its coefficients from
-// a tight loop; only vectors that cross into another channel go through
-// next(), or cross() on rows of at least 4 W. (With next() there, whose
-// loops kept the coefficients on the stack, bnorm_ab on Zen 3, both orders:
-// NCHW inference 8x512x7x7 -29..-35%, 32x2048x7x7 -24%, 1x2048x7x7 -31%,
-// 8x256x14x14 -11%; backward 8x512x7x7 -20%, 32x2048x7x7 -15%,
-// 128x512x7x7 with ReLU -16%; training with ReLU 8x512x7x7 -11%.) Inlined into its caller, and the
-// step into it (always_inline on the callers' lambdas: GCC 12 otherwise called some steps once per
-// vector), so that the walker and the step's state stay in registers.
+// a tight loop; a vector that crosses into the next channel takes cross()
+// on rows of at least W values (it crosses once), next() on shorter rows.
+// (With next() for every crossing vector, whose loops kept the
+// coefficients on the stack, bnorm_ab on Zen 3, both orders: NCHW
+// inference 8x512x7x7 -29..-35%, 32x2048x7x7 -24%, 1x2048x7x7 -31%,
+// 8x256x14x14 -11%; backward 8x512x7x7 -20%, 32x2048x7x7 -15%, 128x512x7x7
+// with ReLU -16%; training with ReLU 8x512x7x7 -11%. Rows of W to 4 W
+// values took next() for every vector until session 20: inference
+// 32x512x5x5 -34%, 32x512x4x4 -24%, 32x256x3x3 -41%, backward -1..-22%;
+// this is the path of 7x7 on AVX-512, not measured there.) Inlined into
+// its caller, and the step into it (always_inline on the callers' lambdas:
+// GCC 12 otherwise called some steps once per vector), so that the walker
+// and the step's state stay in registers.
 template <class A, int K, class Step>
 __attribute__((always_inline)) inline void walk_vectors(channel_walker<A, K>& walk, int64_t count,
                                                         int64_t head, Step step) {
@@ -976,7 +981,7 @@ __attribute__((always_inline)) inline void walk_vectors(channel_walker<A, K>& wa
     walk.next(j, k);
     step(0, j, k);
   }
-  if (walk.spatial() < 4 * W) {  // short rows: most vectors cross into the next
+  if (walk.spatial() < W) {  // shorter rows than a vector: it may cross several
     for (; j + W <= count; j += W) {
       V lane_k[K];  // not k: GCC then kept k in memory (7x7 backward 15% slower)
       walk.next(W, lane_k);
@@ -989,7 +994,7 @@ __attribute__((always_inline)) inline void walk_vectors(channel_walker<A, K>& wa
       walk.current(k);
       for (const int64_t end = j + same; j < end; j += W) step(j, W, k);
       walk.skip(same);
-    } else {  // rows here are at least 4 W long: one crossing
+    } else {  // rows here are at least W long: one crossing
       walk.cross(k);
       step(j, W, k);
       j += W;
