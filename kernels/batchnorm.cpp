@@ -71,9 +71,9 @@ constexpr int64_t kChunkRows = 256;
 // nhwc_item_moments).
 constexpr int64_t kMaxSlices = 64;
 // Below this many bytes per thread (of traffic: inputs and outputs), another
-// thread costs more than it saves: reduction_bytes_per_thread() for the
-// operations with a reduction, kStreamBytesPerThread for the elementwise
-// passes alone (inference, backward apply), which do less per byte. On Zen 4 (session 7)
+// thread costs more than it saves: kBytesPerThread for the operations with a
+// reduction, kStreamBytesPerThread for the elementwise passes alone
+// (inference, backward apply), which do less per byte. On Zen 4 (session 7)
 // two threads took 20-37% less time than one on 1x512x7x7 and the threshold
 // was 64 KiB. On Zen 5, once one thread ran outside OpenMP and the barriers
 // spun (session 16: run_threads, spin_barrier), one thread against two
@@ -85,22 +85,25 @@ constexpr int64_t kMaxSlices = 64;
 //   400 KB   1x128x28x28      0.87 / 0.71  1.33 / 1.21  0.63 / 0.66
 //   400 KB   1x2048x7x7       1.18 / 0.67  2.10 / 1.02  1.12 / 0.64
 //   800 KB   1x64x56x56       0.94 / 0.56  0.76 / 0.55  0.76 / 0.57
-// Training moves 2S, backward 3S, inference 2S: with AVX-512, two threads
-// from 768 KiB of traffic with a reduction and from 1 MiB without one.
-// With AVX2 on Zen 3 (session 20), where the in-cache kernels take about
-// twice as long per byte, two threads won from smaller tensors; one process
-// alternating one and two threads every millisecond (median of 61 rounds
-// each, two sweeps; time of two / time of one, NCHW / NHWC):
-//   tensor S  shape            training               backward
-//   100 KB   1x512x7x7        0.79-0.80 / 1.03-1.47  0.72-0.80 / 0.68-0.78
-//   100 KB   8x64x7x7         0.93-1.28 / 1.03-1.14  0.83      / 0.76-0.79
-//   200 KB   1x256x14x14      0.76-0.81 / 0.63-0.75  0.66-0.67 / 0.67-0.85
-//   256 KB   256x256          0.67-0.82 / 0.65-0.80  0.65      / 0.64-0.66
-// so below 512-bit vectors, two threads from 256 KiB of traffic with a
-// reduction (training from 128 KiB tensors, backward from 85 KiB). The
-// elementwise passes alone measured 0.7-1.8 on the same tensors and keep
-// their threshold.
-int64_t reduction_bytes_per_thread() { return kernels().width >= 16 ? 384 * 1024 : 128 * 1024; }
+// Training moves 2S, backward 3S, inference 2S: two threads from 768 KiB
+// of traffic with a reduction and from 1 MiB without one, with AVX-512.
+// Narrower vectors take longer per byte in cache, and a second thread costs
+// the same, so threads_for scales these by the vector width (AVX2: half).
+// On Zen 3 with AVX2 (session 20), one process alternating one and two
+// threads every millisecond (median of 61 rounds each; time of two / time
+// of one, NCHW / NHWC, the range over one to four sweeps, whose spread is
+// the machine's: see performance-notes.md on its two states):
+//   tensor S  shape         training             inference            backward
+//   100 KB   1x512x7x7     0.79-0.86/1.03-1.47  0.87-1.27/0.89-1.83  0.72-0.91/0.68-1.16
+//   100 KB   8x64x7x7      0.76-1.28/0.71-1.20  0.79-1.15/0.76-1.18  0.70-1.20/0.76-1.69
+//   200 KB   1x256x14x14   0.76-0.88/0.61-0.75  0.85-1.24/0.69-1.10  0.66-0.90/0.67-0.85
+//   256 KB   256x256       0.67-0.82/0.65-0.80  0.79-0.88/0.68-0.81  0.65     /0.64-0.66
+//   400 KB   1x128x28x28   0.72     /0.72       0.69-1.05/0.70-1.02  0.56     /0.55
+//   400 KB   1x2048x7x7    0.59     /0.95       0.58-0.80/0.76-1.19  0.86     /0.59
+// With AVX2 two threads take training from 192 KiB tensors, backward from
+// 128 KiB and inference from 256 KiB: 100 KB tensors, where the two
+// machine states disagree, stay on one.
+constexpr int64_t kBytesPerThread = 384 * 1024;
 constexpr int64_t kStreamBytesPerThread = 512 * 1024;
 
 struct plan {
@@ -351,7 +354,7 @@ bool far(const plan& p) { return stream_for(2 * p.count * p.c * static_cast<int6
 // run_threads) for nothing.
 int threads_for(int64_t bytes, int64_t per_thread) {
   if (omp_get_active_level() >= omp_get_max_active_levels()) return 1;
-  const int64_t useful = bytes / per_thread;
+  const int64_t useful = bytes / (per_thread * kernels().width / 16);  // see kBytesPerThread
   const int max_threads = omp_get_max_threads();
   return useful < 1 ? 1 : (useful < max_threads ? static_cast<int>(useful) : max_threads);
 }
@@ -1753,8 +1756,7 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
 
   const plan p = make_plan(*shape);
   const kernel_table& k = kernels();
-  const int nt =
-      threads_for(2 * total * static_cast<int64_t>(sizeof(float)), reduction_bytes_per_thread());
+  const int nt = threads_for(2 * total * static_cast<int64_t>(sizeof(float)), kBytesPerThread);
   const int64_t block = p.nhwc ? nhwc_fused_block(p, nt) : 0;
   coefficient_scratch coef(kNormalizeScratch * p.c, y);
   if (!coef) return out_of_memory(fn, p.c);
@@ -1850,10 +1852,10 @@ bnorm_status bnorm_moments(const bnorm_shape* shape, const float* x, double* mea
   if (!channel) return out_of_memory(fn, p.c);
   if (total == 0) {
     for (int64_t c = 0; c < p.c; ++c) channel[c] = {{0, 0}, 0};
-  } else if (!moments_phase(kernels(), p, x,
-                            threads_for(total * static_cast<int64_t>(sizeof(float)),
-                                        reduction_bytes_per_thread()),
-                            channel.get())) {
+  } else if (!moments_phase(
+                 kernels(), p, x,
+                 threads_for(total * static_cast<int64_t>(sizeof(float)), kBytesPerThread),
+                 channel.get())) {
     return out_of_memory(fn, p.c);
   }
   for (int64_t c = 0; c < p.c; ++c) {
@@ -1915,10 +1917,10 @@ bnorm_status bnorm_backward_reduce(const bnorm_shape* shape, float eps, unsigned
   if (!channel || !invstd) return out_of_memory(fn, p.c);
   if (total == 0) {
     for (int64_t c = 0; c < p.c; ++c) channel[c] = {0, 0};
-  } else if (!sums_phase(kernels(), p, x, dy, mean, (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr,
-                         threads_for(2 * total * static_cast<int64_t>(sizeof(float)),
-                                     reduction_bytes_per_thread()),
-                         channel.get())) {
+  } else if (!sums_phase(
+                 kernels(), p, x, dy, mean, (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr,
+                 threads_for(2 * total * static_cast<int64_t>(sizeof(float)), kBytesPerThread),
+                 channel.get())) {
     return out_of_memory(fn, p.c);
   }
   kernels().invstd(var, eps, p.c, invstd.get());
@@ -1990,8 +1992,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
 
   const plan p = make_plan(*shape);
   const kernel_table& k = kernels();
-  const int nt =
-      threads_for(3 * total * static_cast<int64_t>(sizeof(float)), reduction_bytes_per_thread());
+  const int nt = threads_for(3 * total * static_cast<int64_t>(sizeof(float)), kBytesPerThread);
   const bool need_sums = total > 0 && (!global || dgamma || dbeta);
   const uint8_t* mask = relu ? relu_mask : nullptr;
   auto channel = allocate<sums>(p.c);
