@@ -248,9 +248,17 @@ inline vfloat<A> load_wrapped(const float* p, int64_t k, const float* first) {
 // v in the first n lanes, 0 in the others.
 template <class A>
 inline vfloat<A> keep_first(vfloat<A> v, int64_t n) {
-  alignas(64) static const float lane[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  return xsimd::select(vfloat<A>::load_aligned(lane) < vfloat<A>(static_cast<float>(n)), v,
-                       vfloat<A>(0.f));
+  if constexpr (is_avx<A>) {
+    // An and with load_first's mask, which GCC keeps out of a row loop; the
+    // float compare it did not (NCHW 1x512x7x7 moments: 4 instructions a
+    // row fewer).
+    return _mm256_and_ps(v, _mm256_castsi256_ps(lanes_below<A>(n)));
+  } else {
+    alignas(64) static const float lane[16] = {0, 1, 2,  3,  4,  5,  6,  7,
+                                               8, 9, 10, 11, 12, 13, 14, 15};
+    return xsimd::select(vfloat<A>::load_aligned(lane) < vfloat<A>(static_cast<float>(n)), v,
+                         vfloat<A>(0.f));
+  }
 }
 
 // v in the lanes where m is set, 0 in the others (keep_where), or the
