@@ -102,7 +102,7 @@ constexpr int64_t kMaxSlices = 64;
 //   400 KB   1x2048x7x7    0.59     /0.95       0.58-0.80/0.76-1.19  0.86     /0.59
 // With AVX2 two threads take training from 192 KiB tensors, backward from
 // 128 KiB and inference from 256 KiB: 100 KB tensors, where the two
-// machine states disagree, stay on one.
+// machine states disagree, stay on one. SSE2's quarter is not measured.
 constexpr int64_t kBytesPerThread = 384 * 1024;
 constexpr int64_t kStreamBytesPerThread = 512 * 1024;
 

@@ -966,7 +966,8 @@ class channel_walker {
 // with ReLU -16%; training with ReLU 8x512x7x7 -11%. Rows of W to 4 W
 // values took next() for every vector until session 20: inference
 // 32x512x5x5 -34%, 32x512x4x4 -24%, 32x256x3x3 -41%, backward -1..-22%;
-// this is the path of 7x7 on AVX-512, not measured there.) Inlined into
+// the path of 7x7 on AVX-512 where walk_channels is not taken, not measured
+// there.) Inlined into
 // its caller, and the step into it (always_inline on the callers' lambdas:
 // GCC 12 otherwise called some steps once per vector), so that the walker
 // and the step's state stay in registers.
@@ -1013,8 +1014,8 @@ __attribute__((always_inline)) inline void walk_vectors(channel_walker<A, K>& wa
 // and may overlap the one before: it computes the overlapped values again,
 // the same bits, so the output must not alias an input; a part shorter
 // than W (a run's first or last) goes in one masked vector. Stores are
-// unaligned and the ReLU mask, if read, is read bit by bit (relu_mode::bits);
-// a mask is never written this way (its bits go in order). Calls step(j, n,
+// unaligned; no ReLU mask is written (its bits go in order) nor read (at
+// any bit, it costs more than the blends save) this way. Calls step(j, n,
 // k) as walk_vectors does. Against walk_vectors (bnorm_ab, Zen 3, session
 // 20): NCHW inference 8x512x7x7 -22%, 8x256x14x14 -25%, 1x2048x7x7 -20%
 // (the same with ReLU), training 8x512x7x7 -17%, 8x256x14x14 -16%,
@@ -1041,11 +1042,12 @@ __attribute__((always_inline)) inline void walk_channels(const float* const* coe
   }
 }
 
-// Whether an elementwise NCHW run takes walk_channels.
+// Whether an elementwise NCHW run in cache (no streaming stores) takes
+// walk_channels.
 template <class A>
-bool by_channel(int64_t spatial, bool stream, bool aliased) {
+bool by_channel(int64_t spatial, bool aliased) {
   constexpr int64_t W = simd::vfloat<A>::size;
-  return !stream && !aliased && spatial >= W && spatial % W != 0;
+  return !aliased && spatial >= W && spatial % W != 0;
 }
 
 template <class A>
@@ -1082,7 +1084,7 @@ __attribute__((noinline)) void normalize_run(const float* x, float* y, flat_run 
     store_n<A>(y + j, v, n, Stream);
   };
   if constexpr (!Stream && (Relu == relu_mode::none || Relu == relu_mode::clamp)) {
-    if (by_channel<A>(f.spatial, Stream, x == y)) return walk_channels<A, 3>(coef, f, step);
+    if (by_channel<A>(f.spatial, x == y)) return walk_channels<A, 3>(coef, f, step);
   }
   channel_walker<A, 3> walk(coef, f);
   walk_vectors<A>(walk, f.count, head, step);
@@ -1695,7 +1697,7 @@ __attribute__((noinline)) void apply_run(const float* x, const float* dy, float*
   // Not with the mask: its bits at any index (relu_mode::bits) cost more
   // than the blends save (NCHW backward with ReLU, 8x256x14x14 +20%).
   if constexpr (!Stream && Relu == relu_mode::none) {
-    if (by_channel<A>(f.spatial, Stream, dx == dy)) return walk_channels<A, 4>(coef, f, step);
+    if (by_channel<A>(f.spatial, dx == dy)) return walk_channels<A, 4>(coef, f, step);
   }
   channel_walker<A, 4> walk(coef, f);
   walk_vectors<A>(walk, f.count, head, step);

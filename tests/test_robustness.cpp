@@ -388,7 +388,8 @@ struct Outputs {
   std::vector<uint8_t> mask;
 };
 
-Outputs run_all(const Problem& p, const Offsets& o) {
+// in_place: the forward operations read x from y (y first holds x), the backward dy from dx.
+Outputs run_all(const Problem& p, const Offsets& o, bool in_place = false) {
   const bnorm_shape& sh = p.sh;
   const int64_t count = bnorm_ref::elements(sh), c = sh.c;
   Buffer<float> x(count, o.x), y(count, o.y), gamma(c, o.gamma), beta(c, o.beta), mean(c, o.mean),
@@ -405,28 +406,38 @@ Outputs run_all(const Problem& p, const Offsets& o) {
   auto ok = [&](bnorm_status st, const char* op) {
     EXPECT_EQ(st, BNORM_SUCCESS) << op << ": " << bnorm_last_error_message();
   };
-  ok(bnorm_forward_training(&sh, p.eps, 0, x.data(), gamma.data(), beta.data(), y.data(),
-                            mean.data(), var.data(), nullptr),
+  auto x_in = [&] {
+    if (!in_place) return x.data();
+    y.assign(p.x);
+    return y.data();
+  };
+  auto dy_in = [&] {
+    if (!in_place) return dy.data();
+    dx.assign(p.dy);
+    return dx.data();
+  };
+  ok(bnorm_forward_training(&sh, p.eps, 0, x_in(), gamma.data(), beta.data(), y.data(), mean.data(),
+                            var.data(), nullptr),
      "forward_training");
   out.y_plain = y.values();
-  ok(bnorm_forward_training(&sh, p.eps, BNORM_FUSE_RELU, x.data(), gamma.data(), beta.data(),
+  ok(bnorm_forward_training(&sh, p.eps, BNORM_FUSE_RELU, x_in(), gamma.data(), beta.data(),
                             y.data(), mean.data(), var.data(), mask.data()),
      "forward_training relu");
   out.y = y.values();
   out.mean = mean.values();
   out.var = var.values();
   out.mask = mask.values();
-  ok(bnorm_forward_inference(&sh, p.eps, 0, x.data(), gamma.data(), beta.data(), rmean.data(),
+  ok(bnorm_forward_inference(&sh, p.eps, 0, x_in(), gamma.data(), beta.data(), rmean.data(),
                              rvar.data(), y.data()),
      "forward_inference");
   out.y_inference = y.values();
-  ok(bnorm_backward(&sh, p.eps, BNORM_FUSE_RELU, x.data(), dy.data(), gamma.data(), mean.data(),
+  ok(bnorm_backward(&sh, p.eps, BNORM_FUSE_RELU, x.data(), dy_in(), gamma.data(), mean.data(),
                     var.data(), mask.data(), dx.data(), dgamma.data(), dbeta.data()),
      "backward relu");
   out.dx = dx.values();
   out.dgamma = dgamma.values();
   out.dbeta = dbeta.values();
-  ok(bnorm_backward(&sh, p.eps, BNORM_GLOBAL_STATS, x.data(), dy.data(), gamma.data(), rmean.data(),
+  ok(bnorm_backward(&sh, p.eps, BNORM_GLOBAL_STATS, x.data(), dy_in(), gamma.data(), rmean.data(),
                     rvar.data(), nullptr, dx.data(), dgamma.data(), dbeta.data()),
      "backward global_stats");
   out.dx_global = dx.values();
@@ -676,6 +687,30 @@ TEST(Robustness, OperatorsAreBitwiseTheirSplitPhases) {
         Problem p = make_problem(sh, 9500 + k++);
         for (size_t j = 0; j < p.gamma.size(); j += 3) p.gamma[j] = 0.f;
         expect_identical(run_all(p, Offsets{}), run_split(p), sh, "split phases");
+        if (HasFailure()) return;
+      }
+}
+
+// In place (y == x, dx == dy) gives the same bits as separate buffers. The NCHW elementwise
+// passes in cache walk rows that are not whole vectors (7x7, 14x14, 5x5, 3x3) channel by channel
+// with separate buffers (walk_channels: the last vector of a channel overlaps the one before)
+// and in memory order in place (walk_vectors), so this compares the two walks; 1 and 2 threads
+// (the runs of two threads start and end inside channels).
+TEST(Robustness, InPlaceGivesIdenticalResults) {
+  OmpThreadsGuard guard;
+  struct {
+    int64_t n, c, s;
+  } shapes[] = {{3, 40, 49}, {2, 37, 196}, {4, 19, 25},  {5, 33, 9},
+                {1, 70, 17}, {2, 9, 100},  {8, 330, 49}, {4, 170, 196}};  // the last two: 2 threads
+  int k = 0;
+  for (int nt : {1, 2})
+    for (bnorm_layout layout : kLayouts)
+      for (auto& t : shapes) {
+        omp_set_num_threads(nt);
+        const bnorm_shape sh{t.n, t.c, t.s, layout};
+        SCOPED_TRACE(describe(sh) + ", " + std::to_string(nt) + " threads");
+        const Problem p = make_problem(sh, 9700 + k++);
+        expect_identical(run_all(p, Offsets{}), run_all(p, Offsets{}, true), sh, "in place");
         if (HasFailure()) return;
       }
 }
