@@ -967,10 +967,9 @@ class channel_walker {
 // values took next() for every vector until session 20: inference
 // 32x512x5x5 -34%, 32x512x4x4 -24%, 32x256x3x3 -41%, backward -1..-22%;
 // the path of 7x7 on AVX-512 where walk_channels is not taken, not measured
-// there.) Inlined into
-// its caller, and the step into it (always_inline on the callers' lambdas:
-// GCC 12 otherwise called some steps once per vector), so that the walker
-// and the step's state stay in registers.
+// there.) Inlined into its caller, and the step into it (always_inline on
+// the callers' lambdas: GCC 12 otherwise called some steps once per
+// vector), so that the walker and the step's state stay in registers.
 template <class A, int K, class Step>
 __attribute__((always_inline)) inline void walk_vectors(channel_walker<A, K>& walk, int64_t count,
                                                         int64_t head, Step step) {

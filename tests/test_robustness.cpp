@@ -661,6 +661,26 @@ Outputs run_split(const Problem& p) {
   return out;
 }
 
+struct TestShape {
+  int64_t n, c, s;
+};
+
+// Calls check(shape, seed) for every shape in both layouts on 1 and 2 threads, the seeds
+// counting from `seed`; stops at the first failure.
+template <class Check>
+void for_shapes_and_threads(const std::vector<TestShape>& shapes, uint64_t seed, Check check) {
+  OmpThreadsGuard guard;
+  for (int nt : {1, 2})
+    for (bnorm_layout layout : kLayouts)
+      for (const TestShape& t : shapes) {
+        omp_set_num_threads(nt);
+        const bnorm_shape sh{t.n, t.c, t.s, layout};
+        SCOPED_TRACE(describe(sh) + ", " + std::to_string(nt) + " threads");
+        check(sh, seed++);
+        if (::testing::Test::HasFailure()) return;
+      }
+}
+
 // The operators are bitwise their split-phase forms (bnorm.h promises it), whichever path
 // they take: NCHW channel blocks fused in cache (in the small_cache run, BNORM_CACHE_BYTES: they
 // are used only beyond the L3), NCHW phases, NHWC column blocks fused in cache with one slice of
@@ -672,23 +692,14 @@ Outputs run_split(const Problem& p) {
 // BNORM_CACHE_BYTES = 16 MiB (ctest's l3_blocks run) the NCHW backward takes blocks sized
 // from the L3.
 TEST(Robustness, OperatorsAreBitwiseTheirSplitPhases) {
-  OmpThreadsGuard guard;
-  struct {
-    int64_t n, c, s;
-  } shapes[] = {{4, 64, 1024}, {3, 5, 33},   {1, 300, 49}, {3, 130, 200}, {2, 70, 1500},
-                {600, 77, 1},  {8, 200, 49}, {70, 67, 49}, {20, 80, 196}, {2, 24, 40000}};
-  int k = 0;
-  for (int nt : {1, 2})
-    for (bnorm_layout layout : kLayouts)
-      for (auto& t : shapes) {
-        omp_set_num_threads(nt);
-        const bnorm_shape sh{t.n, t.c, t.s, layout};
-        SCOPED_TRACE(describe(sh) + ", " + std::to_string(nt) + " threads");
-        Problem p = make_problem(sh, 9500 + k++);
-        for (size_t j = 0; j < p.gamma.size(); j += 3) p.gamma[j] = 0.f;
-        expect_identical(run_all(p, Offsets{}), run_split(p), sh, "split phases");
-        if (HasFailure()) return;
-      }
+  const std::vector<TestShape> shapes = {{4, 64, 1024}, {3, 5, 33},    {1, 300, 49}, {3, 130, 200},
+                                         {2, 70, 1500}, {600, 77, 1},  {8, 200, 49}, {70, 67, 49},
+                                         {20, 80, 196}, {2, 24, 40000}};
+  for_shapes_and_threads(shapes, 9500, [](const bnorm_shape& sh, uint64_t seed) {
+    Problem p = make_problem(sh, seed);
+    for (size_t j = 0; j < p.gamma.size(); j += 3) p.gamma[j] = 0.f;
+    expect_identical(run_all(p, Offsets{}), run_split(p), sh, "split phases");
+  });
 }
 
 // In place (y == x, dx == dy) gives the same bits as separate buffers. The NCHW elementwise
@@ -697,22 +708,13 @@ TEST(Robustness, OperatorsAreBitwiseTheirSplitPhases) {
 // and in memory order in place (walk_vectors), so this compares the two walks; 1 and 2 threads
 // (the runs of two threads start and end inside channels).
 TEST(Robustness, InPlaceGivesIdenticalResults) {
-  OmpThreadsGuard guard;
-  struct {
-    int64_t n, c, s;
-  } shapes[] = {{3, 40, 49}, {2, 37, 196}, {4, 19, 25},  {5, 33, 9},
-                {1, 70, 17}, {2, 9, 100},  {8, 330, 49}, {4, 170, 196}};  // the last two: 2 threads
-  int k = 0;
-  for (int nt : {1, 2})
-    for (bnorm_layout layout : kLayouts)
-      for (auto& t : shapes) {
-        omp_set_num_threads(nt);
-        const bnorm_shape sh{t.n, t.c, t.s, layout};
-        SCOPED_TRACE(describe(sh) + ", " + std::to_string(nt) + " threads");
-        const Problem p = make_problem(sh, 9700 + k++);
-        expect_identical(run_all(p, Offsets{}), run_all(p, Offsets{}, true), sh, "in place");
-        if (HasFailure()) return;
-      }
+  // The last two shapes take two threads.
+  const std::vector<TestShape> shapes = {{3, 40, 49}, {2, 37, 196}, {4, 19, 25},  {5, 33, 9},
+                                         {1, 70, 17}, {2, 9, 100},  {8, 330, 49}, {4, 170, 196}};
+  for_shapes_and_threads(shapes, 9700, [](const bnorm_shape& sh, uint64_t seed) {
+    const Problem p = make_problem(sh, seed);
+    expect_identical(run_all(p, Offsets{}), run_all(p, Offsets{}, true), sh, "in place");
+  });
 }
 
 // Any float alignment of every pointer gives the same bits as the 64-byte-aligned run. The last
