@@ -245,6 +245,13 @@ inline vfloat<A> load_wrapped(const float* p, int64_t k, const float* first) {
   }
 }
 
+// Lane i: i.
+template <class A>
+inline vfloat<A> lane_index() {
+  alignas(64) static const float lane[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return vfloat<A>::load_aligned(lane);
+}
+
 // v in the first n lanes, 0 in the others.
 template <class A>
 inline vfloat<A> keep_first(vfloat<A> v, int64_t n) {
@@ -254,10 +261,7 @@ inline vfloat<A> keep_first(vfloat<A> v, int64_t n) {
     // row fewer).
     return _mm256_and_ps(v, _mm256_castsi256_ps(lanes_below<A>(n)));
   } else {
-    alignas(64) static const float lane[16] = {0, 1, 2,  3,  4,  5,  6,  7,
-                                               8, 9, 10, 11, 12, 13, 14, 15};
-    return xsimd::select(vfloat<A>::load_aligned(lane) < vfloat<A>(static_cast<float>(n)), v,
-                         vfloat<A>(0.f));
+    return xsimd::select(lane_index<A>() < vfloat<A>(static_cast<float>(n)), v, vfloat<A>(0.f));
   }
 }
 
