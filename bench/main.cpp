@@ -1,12 +1,16 @@
 // bnorm_bench: bnorm, oneDNN and PyTorch on the same problems, threads and
 // buffers, each row also timed against a non-temporal copy of the same bytes.
 //
-//   bnorm_bench [--quick] [--wait_quiet] [--buffer_offset=BYTES] [Google Benchmark flags]
+//   bnorm_bench [--quick | --problems=LIST] [--wait_quiet] [--buffer_offset=BYTES]
+//               [Google Benchmark flags]
 //
-// --quick runs three problems instead of the full suite. --buffer_offset
-// puts x, dy and y (the tensors every implementation reads and writes) that
-// many bytes past a page boundary: 16 is where glibc's malloc puts large
-// blocks, and so where a C or NumPy user's tensors are. The copy keeps its
+// --quick runs three problems instead of the full suite; --problems the
+// comma-separated benchdnn-style descriptors given (mb32ic3ih224iw224 for
+// N x C x H x W, mb65536ic100 for (N, C) input), e.g. a network's own
+// layers. --buffer_offset puts x, dy and y (the tensors every
+// implementation reads and writes) that many bytes past a page boundary:
+// 16 is where glibc's malloc puts large blocks, and so where a C or NumPy
+// user's tensors are. The copy keeps its
 // page-aligned buffers: it stays the same reference. --wait_quiet holds
 // each row until the other processes on the machine have been idle for a
 // 0.1 s sample (at most 10 minutes per row): the suite can then share a
@@ -180,6 +184,7 @@ int main(int argc, char** argv) {
   bool quick = false;
   bool wait_quiet = false;
   bool has_min_time = false;
+  std::vector<problem> chosen;  // --problems
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
     if (i > 0 && std::strcmp(argv[i], "--quick") == 0) {
@@ -199,6 +204,17 @@ int main(int argc, char** argv) {
       arena::set_offset(static_cast<size_t>(v));
       continue;
     }
+    if (i > 0 && std::strncmp(argv[i], "--problems=", 11) == 0) {
+      std::string bad;
+      if (!parse_problems(argv[i] + 11, &chosen, &bad)) {
+        std::fprintf(stderr,
+                     "bnorm_bench: --problems: '%s' is not a descriptor like mb32ic3ih224iw224 or "
+                     "mb65536ic100 (every dimension at least 1)\n",
+                     bad.c_str());
+        return 2;
+      }
+      continue;
+    }
     if (std::strncmp(argv[i], "--benchmark_min_time", 20) == 0) has_min_time = true;
     args.push_back(argv[i]);
   }
@@ -210,7 +226,9 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&n, args.data());
   if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
 
-  const std::vector<problem> problems = quick ? quick_problems() : full_problems();
+  const std::vector<problem> problems = !chosen.empty() ? chosen
+                                        : quick         ? quick_problems()
+                                                        : full_problems();
   size_t max_bytes = 0;
   for (const problem& p : problems) max_bytes = std::max(max_bytes, p.bytes());
   arena::set_capacity(max_bytes);
@@ -227,14 +245,14 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("torch_version", torch_version());
   peers += "torch ";
 #endif
-  if (!quick) register_machine_rows(arena::copy_span_bytes(max_bytes));
+  if (!quick && chosen.empty()) register_machine_rows(arena::copy_span_bytes(max_bytes));
   register_rows(problems, impls, wait_quiet);
 
   benchmark::AddCustomContext("bnorm_isa", bnorm_isa());
   benchmark::AddCustomContext("omp_threads", std::to_string(omp_get_max_threads()));
   benchmark::AddCustomContext("cpu_model", cpu_model());
   benchmark::AddCustomContext("copy_isa", memory_reference_isa());
-  benchmark::AddCustomContext("suite", quick ? "quick" : "full");
+  benchmark::AddCustomContext("suite", !chosen.empty() ? "problems" : quick ? "quick" : "full");
   benchmark::AddCustomContext("wait_quiet", wait_quiet ? "yes" : "no");
   benchmark::AddCustomContext("buffer_offset", std::to_string(arena::offset()));
   benchmark::AddCustomContext("min_time_s", has_min_time ? "from command line" : min_time);

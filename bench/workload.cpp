@@ -79,6 +79,31 @@ std::vector<problem> quick_problems() {
   return {{32, 256, 56, 56, false}, {8, 512, 28, 28, false}, {4096, 1024, 1, 1, true}};
 }
 
+bool parse_problems(const std::string& list, std::vector<problem>* out, std::string* error) {
+  size_t at = 0;
+  while (at <= list.size()) {
+    const size_t end = std::min(list.find(',', at), list.size());
+    const std::string d = list.substr(at, end - at);
+    long long n = 0, c = 0, h = 0, w = 0;
+    int used = 0;
+    problem p{};
+    if (std::sscanf(d.c_str(), "mb%lldic%lldih%lldiw%lld%n", &n, &c, &h, &w, &used) == 4 &&
+        used == static_cast<int>(d.size())) {
+      p = {n, c, h, w, false};
+    } else if (std::sscanf(d.c_str(), "mb%lldic%lld%n", &n, &c, &used) == 2 &&
+               used == static_cast<int>(d.size())) {
+      p = {n, c, 1, 1, true};
+    }
+    if (p.n < 1 || p.c < 1 || p.h < 1 || p.w < 1) {
+      *error = d;
+      return false;
+    }
+    out->push_back(p);
+    at = end + 1;
+  }
+  return true;
+}
+
 size_t traffic_bytes(op_kind k, size_t s) { return k == op_kind::backward ? 3 * s : 2 * s; }
 
 size_t copy_bytes(op_kind k, size_t s) {

@@ -44,6 +44,10 @@ struct problem {
 // left out), then (N, C) input; and the small set of --quick.
 std::vector<problem> full_problems();
 std::vector<problem> quick_problems();
+// Problems from benchdnn-style descriptors separated by commas
+// ("mb32ic3ih224iw224,mb65536ic100"); false, with the bad descriptor in
+// *error, if one does not parse or has a dimension below 1.
+bool parse_problems(const std::string& list, std::vector<problem>* out, std::string* error);
 
 // Tensor traffic an operation must cause at least: forward reads S and writes
 // S, backward reads x and dy and writes dx. The ReLU mask (S/32) is not counted.

@@ -19,9 +19,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <new>
+#include <numeric>
 #include <thread>
 #include <type_traits>
 
@@ -158,6 +160,49 @@ plan make_plan(const bnorm_shape& s) {
   const int64_t most = p.nhwc ? kMaxSlices : (kMaxSlices + s.c - 1) / s.c;
   p.slices = std::max<int64_t>(1, std::min(p.chunks, most));
   return p;
+}
+
+// NHWC rows whose channels do not fill whole vectors (C = 3, 20, 100 with
+// 8 floats a vector) leave each row a tail of C % W channels that the
+// kernels take a lane at a time; at C = 3 every value went that way (NHWC
+// forward training of 32x3x224x224 took 15 times as long as NCHW). Read g
+// rows at a time as one row of L = g * C channels, L the least common
+// multiple of C and the vector width (and of 8, so that every part starts
+// on a byte of the ReLU mask), the same memory is a tensor of whole
+// vectors: channel j of it is channel j % C. The operations run on that
+// tensor, the rows left over (fewer than g) run as they are, and the
+// per-channel results fold back: moments merged in order (Chan), sums
+// added in order; per-channel inputs are repeated g times. Each folded
+// channel's lanes still sum at most kChunkRows values (docs/numerics.md).
+// Not for L beyond kFoldFloats: C is then large, and its tail a small part
+// of each row.
+constexpr int64_t kFoldFloats = 1024;
+
+struct folding {
+  int64_t g;         // rows per row of `whole`; 1: not folded
+  int64_t channels;  // channels of `whole`: g * c
+  plan whole;        // the tensor, or its first rows g at a time
+  plan rest;         // the rows left over (count 0: none)
+  int64_t at;        // index of the rest's first value, a multiple of 8
+
+  // Per-channel results the folded phases hold: the whole's, then the rest's.
+  int64_t results() const { return g > 1 ? channels + channels / g : channels; }
+};
+
+folding fold(const bnorm_shape& s, int64_t width) {
+  const plan p = make_plan(s);
+  folding f{1, s.c, p, make_plan({0, s.c, 1, BNORM_NHWC}), 0};
+  if (!p.nhwc || p.count == 0 || s.c % width == 0 || s.c > kFoldFloats) return f;
+  const int64_t l = std::lcm(s.c, std::max<int64_t>(width, 8)), g = l / s.c;
+  if (l > kFoldFloats || p.rows < g) return f;
+  return {g, l, make_plan({p.rows / g, l, 1, BNORM_NHWC}),
+          make_plan({p.rows % g, s.c, 1, BNORM_NHWC}), p.rows / g * l};
+}
+
+// The first c values of each array, repeated to fill f.channels.
+void repeat_channels(const folding& f, int64_t c, std::initializer_list<float*> arrays) {
+  for (float* a : arrays)
+    for (int64_t j = c; j < f.channels; ++j) a[j] = a[j - c];
 }
 
 // Chunk k of an NCHW channel: its region and its offset from the channel's
@@ -1407,6 +1452,71 @@ void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, i
   run_threads(nt, [&](const team& tm) { apply_share(k, p, args, tm.t, tm.threads, false); });
 }
 
+// The phases on a folding (fold()): the whole's, then the rest's on one
+// thread (fewer than kFoldFloats values).
+
+// The moments into out[0, c); out holds f.channels + c partials.
+bool folded_moments(const kernel_table& k, const folding& f, const float* x, int nt, partial* out) {
+  if (!moments_phase(k, f.whole, x, nt, out)) return false;
+  if (f.g == 1) return true;
+  const int64_t c = f.channels / f.g;
+  const partial* rest = out + f.channels;
+  if (f.rest.count > 0 && !moments_phase(k, f.rest, x + f.at, 1, out + f.channels)) return false;
+  for (int64_t j = 0; j < c; ++j) {
+    for (int64_t i = 1; i < f.g; ++i) merge(out[j], out[i * c + j].m, out[i * c + j].n);
+    if (f.rest.count > 0) merge(out[j], rest[j].m, rest[j].n);
+  }
+  return true;
+}
+
+// The sums into out[0, c); out holds f.channels + c sums.
+bool folded_sums(const kernel_table& k, const folding& f, const float* x, const float* dy,
+                 const float* mean, const uint8_t* mask, int nt, sums* out) {
+  if (f.g == 1) return sums_phase(k, f.whole, x, dy, mean, mask, nt, out);
+  const int64_t c = f.channels / f.g;
+  auto wide = allocate<float>(f.channels);
+  if (!wide) return false;
+  std::copy(mean, mean + c, wide.get());
+  repeat_channels(f, c, {wide.get()});
+  if (!sums_phase(k, f.whole, x, dy, wide.get(), mask, nt, out)) return false;
+  const sums* rest = out + f.channels;
+  if (f.rest.count > 0 && !sums_phase(k, f.rest, x + f.at, dy + f.at, mean,
+                                      mask ? mask + f.at / 8 : nullptr, 1, out + f.channels))
+    return false;
+  for (int64_t j = 0; j < c; ++j) {
+    for (int64_t i = 1; i < f.g; ++i) {
+      out[j].dy += out[i * c + j].dy;
+      out[j].dy_xmu += out[i * c + j].dy_xmu;
+    }
+    if (f.rest.count > 0) {
+      out[j].dy += rest[j].dy;
+      out[j].dy_xmu += rest[j].dy_xmu;
+    }
+  }
+  return true;
+}
+
+void folded_normalize(const kernel_table& k, const folding& f, const normalize_args& a, int nt) {
+  normalize_phase(k, f.whole, a, nt);
+  if (f.rest.count == 0) return;
+  normalize_args r = a;
+  r.x += f.at;
+  r.y += f.at;
+  if (r.mask) r.mask += f.at / 8;
+  normalize_phase(k, f.rest, r, 1);
+}
+
+void folded_apply(const kernel_table& k, const folding& f, const apply_args& a, int nt) {
+  apply_phase(k, f.whole, a, nt);
+  if (f.rest.count == 0) return;
+  apply_args r = a;
+  if (r.x) r.x += f.at;
+  r.dy += f.at;
+  r.dx += f.at;
+  if (r.mask) r.mask += f.at / 8;
+  apply_phase(k, f.rest, r, 1);
+}
+
 // NCHW backward of tensors that do not fit in the L3 (inputs and output
 // together) with enough channels: each thread takes blocks of whole channels
 // and runs both passes on one block while it is still in cache: the sums
@@ -1661,41 +1771,50 @@ struct coefficient_scratch {
   float* get() const { return base; }
 };
 
+// Channels of the elementwise scratch: those of the folded tensor (fold()).
+int64_t scratch_channels(const bnorm_shape& s) { return fold(s, kernels().width).channels; }
+
 // y from given statistics; writes the mask if `relu_mask` is not NULL.
-// coef: kNormalizeScratch * c floats of scratch.
+// coef: kNormalizeScratch * scratch_channels(*shape) floats of scratch.
 void normalize_op(const bnorm_shape* shape, float eps, unsigned flags, const float* x,
                   const float* gamma, const float* beta, const float* mean, const float* var,
                   float* y, uint8_t* relu_mask, float* coef) {
-  const plan p = make_plan(*shape);
   const int64_t total = shape->n * shape->c * shape->spatial;
   if (total == 0) return;
+  const kernel_table& k = kernels();
+  const folding f = fold(*shape, k.width);
+  const int64_t c = shape->c;
   float* scale = coef;
-  float* shift = coef + p.c;
-  float* aligned_mean = coef + 2 * p.c;
-  scale_shift(kernels(), gamma, beta, var, eps, 0, p.c, scale, shift);
-  std::copy(mean, mean + p.c, aligned_mean);
+  float* shift = coef + f.channels;
+  float* aligned_mean = coef + 2 * f.channels;
+  scale_shift(k, gamma, beta, var, eps, 0, c, scale, shift);
+  std::copy(mean, mean + c, aligned_mean);
+  repeat_channels(f, c, {scale, shift, aligned_mean});
   const int64_t bytes = 2 * total * static_cast<int64_t>(sizeof(float));
   const normalize_args args{x,     y, aligned_mean, scale, shift, (flags & BNORM_FUSE_RELU) != 0,
                             relu_mask, stream_for(bytes)};
-  normalize_phase(kernels(), p, args, threads_for(bytes, kStreamBytesPerThread));
+  folded_normalize(k, f, args, threads_for(bytes, kStreamBytesPerThread));
 }
 
 // dx from the per-channel sum(dy), sum(dy * xhat) over `count` values.
-// coef: kApplyScratch * c floats of scratch.
+// coef: kApplyScratch * scratch_channels(*shape) floats of scratch.
 void apply_op(const bnorm_shape* shape, unsigned flags, const float* x, const float* dy,
-              const float* gamma, const float* mean, const double* invstd,
-              const uint8_t* relu_mask, const sums* channel_sums, int64_t count, float* dx,
-              float* coef) {
-  const plan p = make_plan(*shape);
+              const float* gamma, const float* mean, const double* invstd, const uint8_t* relu_mask,
+              const sums* channel_sums, int64_t count, float* dx, float* coef) {
   const int64_t total = shape->n * shape->c * shape->spatial;
   if (total == 0) return;
+  const kernel_table& k = kernels();
+  const folding f = fold(*shape, k.width);
+  const int64_t n = f.channels;
   const bool global = flags & BNORM_GLOBAL_STATS;
-  const backward_coefficients coefficients{kernels(), gamma, invstd,     static_cast<double>(count),
-                                           global,    coef,  coef + p.c, coef + 2 * p.c};
-  for (int64_t c = 0; c < p.c; ++c) coefficients(c, channel_sums ? channel_sums[c] : sums{0, 0});
+  const backward_coefficients coefficients{k,      gamma, invstd,   static_cast<double>(count),
+                                           global, coef,  coef + n, coef + 2 * n};
+  for (int64_t c = 0; c < shape->c; ++c)
+    coefficients(c, channel_sums ? channel_sums[c] : sums{0, 0});
   const int64_t bytes = 3 * total * static_cast<int64_t>(sizeof(float));
-  float* aligned_mean = coef + 3 * p.c;
-  std::copy(mean, mean + p.c, aligned_mean);
+  float* aligned_mean = coef + 3 * n;
+  std::copy(mean, mean + shape->c, aligned_mean);
+  repeat_channels(f, shape->c, {coefficients.a, coefficients.b, coefficients.c, aligned_mean});
   const apply_args args{global ? nullptr : x,
                         dy,
                         dx,
@@ -1705,7 +1824,7 @@ void apply_op(const bnorm_shape* shape, unsigned flags, const float* x, const fl
                         coefficients.c,
                         (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr,
                         stream_for(bytes)};
-  apply_phase(kernels(), p, args, threads_for(bytes, kStreamBytesPerThread));
+  folded_apply(k, f, args, threads_for(bytes, kStreamBytesPerThread));
 }
 
 // BNORM_FUSE_RELU needs the mask, unless the tensor is empty (see
@@ -1757,6 +1876,18 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   const plan p = make_plan(*shape);
   const kernel_table& k = kernels();
   const int nt = threads_for(2 * total * static_cast<int64_t>(sizeof(float)), kBytesPerThread);
+  if (const folding f = fold(*shape, k.width); f.g > 1) {
+    // moments -> merge -> normalize of the folded tensor, as the split-phase
+    // API computes them.
+    auto channel = allocate<partial>(f.results());
+    coefficient_scratch coef(kNormalizeScratch * f.channels, y);
+    if (!channel || !coef || !folded_moments(k, f, x, nt, channel.get()))
+      return out_of_memory(fn, p.c);
+    k.finish(channel.get(), p.c, mean, var);
+    normalize_op(shape, eps, flags, x, gamma, beta, mean, var, y, relu ? relu_mask : nullptr,
+                 coef.get());
+    return succeed();
+  }
   const int64_t block = p.nhwc ? nhwc_fused_block(p, nt) : 0;
   coefficient_scratch coef(kNormalizeScratch * p.c, y);
   if (!coef) return out_of_memory(fn, p.c);
@@ -1815,7 +1946,7 @@ bnorm_status bnorm_forward_inference(const bnorm_shape* shape, float eps, unsign
   BNORM_REQUIRE(var);
   BNORM_REQUIRE_TENSOR(y);
   BNORM_CHECK(check_overlap(fn, y, "y", x, "x", total, true));
-  coefficient_scratch coef(kNormalizeScratch * shape->c, y);
+  coefficient_scratch coef(kNormalizeScratch * scratch_channels(*shape), y);
   if (!coef) return out_of_memory(fn, shape->c);
   normalize_op(shape, eps, flags, x, gamma, beta, mean, var, y, nullptr, coef.get());
   return succeed();
@@ -1833,7 +1964,7 @@ bnorm_status bnorm_normalize(const bnorm_shape* shape, float eps, unsigned flags
   BNORM_REQUIRE_TENSOR(y);
   BNORM_CHECK(check_relu_mask(fn, flags, relu_mask, total));
   BNORM_CHECK(check_overlap(fn, y, "y", x, "x", total, true));
-  coefficient_scratch coef(kNormalizeScratch * shape->c, y);
+  coefficient_scratch coef(kNormalizeScratch * scratch_channels(*shape), y);
   if (!coef) return out_of_memory(fn, shape->c);
   normalize_op(shape, eps, flags, x, gamma, beta, mean, var, y,
                (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr, coef.get());
@@ -1848,12 +1979,13 @@ bnorm_status bnorm_moments(const bnorm_shape* shape, const float* x, double* mea
   BNORM_REQUIRE(mean);
   BNORM_REQUIRE(m2);
   const plan p = make_plan(*shape);
-  auto channel = allocate<partial>(p.c);
+  const folding f = fold(*shape, kernels().width);
+  auto channel = allocate<partial>(f.results());
   if (!channel) return out_of_memory(fn, p.c);
   if (total == 0) {
     for (int64_t c = 0; c < p.c; ++c) channel[c] = {{0, 0}, 0};
-  } else if (!moments_phase(
-                 kernels(), p, x,
+  } else if (!folded_moments(
+                 kernels(), f, x,
                  threads_for(total * static_cast<int64_t>(sizeof(float)), kBytesPerThread),
                  channel.get())) {
     return out_of_memory(fn, p.c);
@@ -1912,13 +2044,14 @@ bnorm_status bnorm_backward_reduce(const bnorm_shape* shape, float eps, unsigned
   BNORM_REQUIRE(sum_dy_xhat);
   BNORM_CHECK(check_relu_mask(fn, flags, relu_mask, total));
   const plan p = make_plan(*shape);
-  auto channel = allocate<sums>(p.c);
+  const folding f = fold(*shape, kernels().width);
+  auto channel = allocate<sums>(f.results());
   auto invstd = allocate<double>(p.c);
   if (!channel || !invstd) return out_of_memory(fn, p.c);
   if (total == 0) {
     for (int64_t c = 0; c < p.c; ++c) channel[c] = {0, 0};
-  } else if (!sums_phase(
-                 kernels(), p, x, dy, mean, (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr,
+  } else if (!folded_sums(
+                 kernels(), f, x, dy, mean, (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr,
                  threads_for(2 * total * static_cast<int64_t>(sizeof(float)), kBytesPerThread),
                  channel.get())) {
     return out_of_memory(fn, p.c);
@@ -1961,7 +2094,7 @@ bnorm_status bnorm_backward_apply(const bnorm_shape* shape, float eps, unsigned 
   BNORM_CHECK(check_overlap(fn, dx, "dx", x, "x", total, false));
   const plan p = make_plan(*shape);
   auto channel = allocate<sums>(p.c);
-  coefficient_scratch coef(kApplyScratch * p.c, dx);
+  coefficient_scratch coef(kApplyScratch * scratch_channels(*shape), dx);
   auto invstd = allocate<double>(p.c);
   if (!channel || !coef || !invstd) return out_of_memory(fn, p.c);
   for (int64_t c = 0; c < p.c; ++c)
@@ -1995,8 +2128,9 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   const int nt = threads_for(3 * total * static_cast<int64_t>(sizeof(float)), kBytesPerThread);
   const bool need_sums = total > 0 && (!global || dgamma || dbeta);
   const uint8_t* mask = relu ? relu_mask : nullptr;
-  auto channel = allocate<sums>(p.c);
-  coefficient_scratch coef(kApplyScratch * p.c, dx);
+  const folding f = fold(*shape, k.width);
+  auto channel = allocate<sums>(f.results());
+  coefficient_scratch coef(kApplyScratch * f.channels, dx);
   auto invstd = allocate<double>(p.c);
   if (!channel || !coef || !invstd) return out_of_memory(fn, p.c);
 
@@ -2008,7 +2142,26 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   const apply_args args{global ? nullptr : x, dy,   dx,
                         aligned_mean,         coefficients.a, coefficients.b,
                         coefficients.c,       mask, stream_for(3 * total * static_cast<int64_t>(sizeof(float)))};
-  if (block == 0 && need_sums) {
+  if (block == 0 && (!need_sums || f.g > 1)) {
+    // No sums needed (global statistics without dgamma and dbeta, or no
+    // values), or a folded tensor: reduce -> apply as the split-phase API
+    // computes them.
+    if (!need_sums) {
+      for (int64_t c = 0; c < p.c; ++c) channel[c] = {0, 0};
+    } else if (!folded_sums(k, f, x, dy, mean, mask, nt, channel.get())) {
+      return out_of_memory(fn, p.c);
+    }
+    k.invstd(var, eps, p.c, invstd.get());
+    for (int64_t c = 0; c < p.c; ++c) {
+      channel[c] = to_xhat(channel[c], invstd[c]);
+      if (dgamma) dgamma[c] = static_cast<float>(channel[c].dy_xmu);
+      if (dbeta) dbeta[c] = static_cast<float>(channel[c].dy);
+    }
+    apply_op(shape, flags, x, dy, gamma, mean, invstd.get(), relu_mask, channel.get(), p.count, dx,
+             coef.get());
+    return succeed();
+  }
+  if (block == 0) {
     // reduce -> apply, as the split-phase API computes them, in one parallel
     // region (as the forward training): each thread finishes the sums and
     // coefficients of its channel range, then, after a barrier, computes its
@@ -2023,19 +2176,6 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
       apply_share(k, p, args, tm.t, tm.threads, true);
     });
     if (!ok) return out_of_memory(fn, p.c);
-    return succeed();
-  }
-  if (block == 0) {
-    // No sums needed (global statistics without dgamma and dbeta, or no values).
-    for (int64_t c = 0; c < p.c; ++c) channel[c] = {0, 0};
-    k.invstd(var, eps, p.c, invstd.get());
-    for (int64_t c = 0; c < p.c; ++c) {
-      channel[c] = to_xhat(channel[c], invstd[c]);
-      if (dgamma) dgamma[c] = static_cast<float>(channel[c].dy_xmu);
-      if (dbeta) dbeta[c] = static_cast<float>(channel[c].dy);
-    }
-    apply_op(shape, flags, x, dy, gamma, mean, invstd.get(), relu_mask, channel.get(), p.count,
-             dx, coef.get());
     return succeed();
   }
 

@@ -163,6 +163,25 @@ TEST_P(Layouts, ShortPlanes) {
     }
 }
 
+// NHWC rows whose channels do not fill whole vectors are read g rows at a time as rows of
+// L = lcm(C, W, 8) channels (fold() in kernels/batchnorm.cpp), the rows left over as they are:
+// rows a multiple of g, with a rest, fewer rows than g (no fold), one channel (g = 8 with AVX2),
+// C = 127 (L = 1016 with AVX2, 2032 with AVX-512: folded or not by the vector width), C = 129
+// (L beyond kFoldFloats), many slices of folded rows with a rest (65536 x 3 + 5 rows).
+TEST_P(Layouts, FoldedChannelCounts) {
+  struct {
+    int64_t n, c, s;
+  } shapes[] = {{4, 3, 64},   {3, 5, 33},    {1, 3, 5},   {2, 1, 999}, {5, 127, 17},
+                {3, 129, 20}, {65541, 3, 1}, {7, 20, 49}, {4, 100, 15}};
+  int k = 0;
+  for (auto& t : shapes)
+    for (bool relu : {false, true}) {
+      ++k;
+      TestShape(GetParam(), t.n, t.c, t.s, k, 1301 + k, relu);
+      if (HasFailure()) return;
+    }
+}
+
 // 3-D inputs: spatial is D*H*W (the library only sees the product).
 TEST_P(Layouts, ThreeDimensionalInput) {
   struct {
