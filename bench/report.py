@@ -406,6 +406,7 @@ def write_markdown(res, path, images, img_rel):
     copy_buffers = ("on the same buffers" if offset == "0" else
                     "on page-aligned buffers (the tensors are %s bytes past a page; the copy stays "
                     "the same reference)" % offset)
+    chosen = ctx.get("suite") == "problems"  # bnorm_bench --problems=LIST
     w("# Performance" if offset == "0" else
       "# Performance with tensors %s bytes past a page boundary (as from malloc)" % offset)
     w("")
@@ -474,8 +475,9 @@ def write_markdown(res, path, images, img_rel):
     w("```sh")
     w("cmake -S . -B build && cmake --build build -j2 --target bnorm_bench")
     passes = max(2, len(ctx.get("best_of_passes", "").split()))
-    w("bench/run_bench.sh --passes %d --out build/bench.json%s   # --quick: 3 problems"
-      % (passes, "" if offset == "0" else " --buffer_offset=" + offset))
+    w("bench/run_bench.sh --passes %d --out build/bench.json%s%s"
+      % (passes, "" if offset == "0" else " --buffer_offset=" + offset,
+         " --problems=" + ",".join(res.descs) if chosen else "   # --quick: 3 problems"))
     w("python3 bench/report.py build/bench.json       # this file and docs/img/")
     w("```")
     w("")
@@ -499,10 +501,13 @@ def write_markdown(res, path, images, img_rel):
       .replace("COPY_BUFFERS", copy_buffers))
     w("- **speed-up** is the faster peer's time divided by bnorm's on the same shape and "
       "layout; **bold** when below 1 (bnorm slower).")
-    w("- Problems: the ResNet-50 batch-norm inputs (channels x height x width) at batch 1, 8, "
-      "32, 128 and 2-D (N, C) input. bnorm runs 2-D input as NCHW and as NHWC with spatial 1; "
+    w("- Problems: %s. bnorm runs 2-D input as NCHW and as NHWC with spatial 1; "
       "the peers run it once (oneDNN format `nc`, a 2-D PyTorch tensor) and that row is "
-      "compared with both.")
+      "compared with both." % (
+          "those given to `bnorm_bench --problems` (not the issue's suite: the targets below "
+          "are its thresholds applied to these shapes)" if chosen else
+          "the ResNet-50 batch-norm inputs (channels x height x width) at batch 1, 8, "
+          "32, 128 and 2-D (N, C) input"))
     w("- **oneDNN**: `batch_normalization_forward`/`_backward` primitives created outside the "
       "timing loop, `use_scale | use_shift` (+ `use_global_stats` for inference, + "
       "`fuse_norm_relu` for the ReLU rows), format tags `nchw`/`nhwc`/`nc`.")
