@@ -66,45 +66,65 @@ moments moments_double(const float* x, region r) {
   return {mean, m2};
 }
 
-// Calls add(v, 0) and add(v, 1) alternately (two accumulators, fixed
-// indices so that they stay in registers) for v = f(the values of one
-// channel's region r), a vector at a time; row tails through masked
-// vectors, zero in the inactive lanes.
-template <class A, class F, class Add>
+// Calls add(v, q) for v = f(the values of one channel's region r), a vector
+// at a time, q cycling over the N accumulators 0..N-1 (fixed indices, so
+// that they stay in registers); row tails through masked vectors, zero in
+// the inactive lanes. With N = 4 the loop also asks for the data
+// kSumsAhead floats ahead.
+//
+// Chunks of long rows take N = 4: with two accumulators the loop waited on
+// their adds and multiply-adds (4 cycles each on Zen 3), and the NCHW moments
+// read L3 at 0.6-0.7 of a bare read; NCHW forward training 8x64x56x56
+// -30%, 8x256x28x28 -10..-30%, 1x64x112x112 -8%, 32x64x56x56 -4..-7%
+// (bnorm_ab both orders, session 21). The prefetch adds -5..-10% on tensors
+// just beyond the L3 (32x64x56x56, 8x64x112x112) and nothing elsewhere.
+// The W-channel groups (moments_nchw_group) keep N = 2: with 2 W vectors of
+// partial sums live they spilled, and NCHW 32x2048x7x7 training took 25%
+// longer with four.
+constexpr int64_t kSumsAhead = 512;
+
+template <class A, int N, class F, class Add>
 inline void for_each_vector(const float* x, region r, F f, Add add) {
+  static_assert(N == 2 || N == 4, "two or four accumulators");
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const int64_t tail = r.cols % W, body = r.cols - tail;
   for (int64_t i = 0; i < r.rows; ++i) {
     const float* row = x + i * r.stride;
     int64_t j = 0;
-    for (; j + 2 * W <= body; j += 2 * W) {
+    for (; j + N * W <= body; j += N * W) {
+      if (N == 4)
+        for (int64_t b = 0; b < N * W; b += 16) __builtin_prefetch(row + j + kSumsAhead + b, 0, 3);
       add(f(V::load_unaligned(row + j)), 0);
       add(f(V::load_unaligned(row + j + W)), 1);
+      if (N == 4) {
+        add(f(V::load_unaligned(row + j + 2 * W)), 2);
+        add(f(V::load_unaligned(row + j + 3 * W)), 3);
+      }
     }
     if (j < body) add(f(V::load_unaligned(row + j)), 0);
-    if (tail) add(simd::keep_first<A>(f(simd::load_first<A>(row + body, tail)), tail), 1);
+    if (N == 4 && j + W < body) add(f(V::load_unaligned(row + j + W)), 1);
+    if (N == 4 && j + 2 * W < body) add(f(V::load_unaligned(row + j + 2 * W)), 2);
+    if (tail) add(simd::keep_first<A>(f(simd::load_first<A>(row + body, tail)), tail), N - 1);
   }
 }
 
-// Sums of d = x - k and of d^2 over one channel's region r (two
-// accumulators each, see for_each_vector), into *d1 and *d2.
-template <class A>
+// Sums of d = x - k and of d^2 over one channel's region r (N accumulators
+// each, see for_each_vector), into *d1 and *d2.
+template <class A, int N = 4>
 inline void deviation_sums(const float* x, region r, simd::vfloat<A> k, simd::vfloat<A>* d1,
                            simd::vfloat<A>* d2) {
   using V = simd::vfloat<A>;
-  V a1(0.f), b1(0.f), a2(0.f), b2(0.f);
-  for_each_vector<A>(x, r, [&](V v) { return v - k; }, [&](V d, int second) {
-    if (second) {
-      b1 += d;
-      b2 = madd(d, d, b2);
-    } else {
-      a1 += d;
-      a2 = madd(d, d, a2);
-    }
-  });
-  *d1 = a1 + b1;
-  *d2 = a2 + b2;
+  V s1[N], s2[N];
+  for (int q = 0; q < N; ++q) s1[q] = s2[q] = V(0.f);
+  for_each_vector<A, N>(
+      x, r, [&](V v) { return v - k; },
+      [&](V d, int q) {
+        s1[q] += d;
+        s2[q] = madd(d, d, s2[q]);
+      });
+  *d1 = N == 4 ? (s1[0] + s1[1]) + (s1[2] + s1[3]) : s1[0] + s1[1];
+  *d2 = N == 4 ? (s2[0] + s2[1]) + (s2[2] + s2[3]) : s2[0] + s2[1];
 }
 
 // With a shift (the previous chunk's mean; NaN: none), one pass first, as
@@ -261,15 +281,16 @@ void moments_nchw_group(const float* x, region r, int64_t channels, int64_t chan
     if (j >= channels) continue;
     const V vx0(x0[j]);
     V s0(0.f), s1(0.f);
-    for_each_vector<A>(x + j * channel_stride, first, [&](V v) { return v - vx0; },
-                       [&](V d, int k) { (k ? s1 : s0) += d; });
+    for_each_vector<A, 2>(
+        x + j * channel_stride, first, [&](V v) { return v - vx0; },
+        [&](V d, int k) { (k ? s1 : s0) += d; });
     part[j] = s0 + s1;
   }
   (V::load_aligned(x0) + simd::haddp<A>(part) / V(static_cast<float>(first.rows * first.cols))).store_aligned(m);
   for (int64_t j = 0; j < W; ++j) {
     part[j] = part2[j] = V(0.f);
     if (j >= channels) continue;
-    deviation_sums<A>(x + j * channel_stride, r, V(m[j]), &part[j], &part2[j]);
+    deviation_sums<A, 2>(x + j * channel_stride, r, V(m[j]), &part[j], &part2[j]);
   }
   simd::haddp<A>(part).store_aligned(s1);
   simd::haddp<A>(part2).store_aligned(s2);
