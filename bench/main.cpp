@@ -209,7 +209,7 @@ int main(int argc, char** argv) {
       if (!parse_problems(argv[i] + 11, &chosen, &bad)) {
         std::fprintf(stderr,
                      "bnorm_bench: --problems: '%s' is not a descriptor like mb32ic3ih224iw224 or "
-                     "mb65536ic100 (every dimension at least 1)\n",
+                     "mb65536ic100 (every dimension at least 1, at most 2 GiB of floats)\n",
                      bad.c_str());
         return 2;
       }

@@ -94,11 +94,15 @@ bool parse_problems(const std::string& list, std::vector<problem>* out, std::str
                used == static_cast<int>(d.size())) {
       p = {n, c, 1, 1, true};
     }
-    if (p.n < 1 || p.c < 1 || p.h < 1 || p.w < 1) {
+    int64_t nc = 0, hw = 0, values = 0;
+    if (p.n < 1 || p.c < 1 || p.h < 1 || p.w < 1 || __builtin_mul_overflow(p.n, p.c, &nc) ||
+        __builtin_mul_overflow(p.h, p.w, &hw) || __builtin_mul_overflow(nc, hw, &values) ||
+        static_cast<uint64_t>(values) > kMaxTensorBytes / sizeof(float)) {
       *error = d;
       return false;
     }
-    out->push_back(p);
+    const auto same = [&p](const problem& q) { return q.descriptor() == p.descriptor(); };
+    if (std::none_of(out->begin(), out->end(), same)) out->push_back(p);
     at = end + 1;
   }
   return true;

@@ -45,8 +45,9 @@ struct problem {
 std::vector<problem> full_problems();
 std::vector<problem> quick_problems();
 // Problems from benchdnn-style descriptors separated by commas
-// ("mb32ic3ih224iw224,mb65536ic100"); false, with the bad descriptor in
-// *error, if one does not parse or has a dimension below 1.
+// ("mb32ic3ih224iw224,mb65536ic100"), each once; false, with the bad
+// descriptor in *error, if one does not parse, has a dimension below 1 or
+// a tensor over 2 GiB (as the suite skips).
 bool parse_problems(const std::string& list, std::vector<problem>* out, std::string* error);
 
 // Tensor traffic an operation must cause at least: forward reads S and writes

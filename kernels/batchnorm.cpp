@@ -615,7 +615,8 @@ flat_run run_at(const plan& p, int64_t at, int64_t count) {
   return {at / p.spatial, at % p.spatial, count, p.spatial, p.c};
 }
 
-// Scratch floats per channel of the elementwise passes: scale, shift and a
+// Scratch floats per channel (of the folded tensor, fold()) of the
+// elementwise passes: scale, shift and a
 // copy of the mean for the normalize; a, b, c and a copy of the mean for the
 // backward apply. The copy gives the NHWC kernels vectors of the mean at
 // the same offsets as the other arrays' (coefficient_scratch), whatever the
@@ -1673,6 +1674,9 @@ bool overlap(const float* a, const float* b, int64_t n) {
 
 // The most floats one array can hold.
 constexpr int64_t kMaxElements = PTRDIFF_MAX / static_cast<int64_t>(sizeof(float));
+// The most channels: their elementwise scratch (kApplyScratch floats each,
+// plus coefficient_scratch's page) must fit too, even for an empty tensor.
+constexpr int64_t kMaxChannels = kMaxElements / 8;
 
 // The shape's checks, and its element count in *total.
 bnorm_status check_shape(const char* fn, const bnorm_shape* s, int64_t* total) {
@@ -1691,10 +1695,11 @@ bnorm_status check_shape(const char* fn, const bnorm_shape* s, int64_t* total) {
                 static_cast<long long>(s->spatial));
   int64_t nc = 0, count = 0;
   if (__builtin_mul_overflow(s->n, s->c, &nc) || __builtin_mul_overflow(nc, s->spatial, &count) ||
-      count > kMaxElements || s->c > kMaxElements)
+      count > kMaxElements || s->c > kMaxChannels)
     return fail(BNORM_INVALID_ARGUMENT,
-                "%s: n*c*spatial = %lld*%lld*%lld floats does not fit in memory", fn,
-                static_cast<long long>(s->n), static_cast<long long>(s->c),
+                "%s: n*c*spatial = %lld*%lld*%lld floats (or c channels' scratch) does not fit in "
+                "memory",
+                fn, static_cast<long long>(s->n), static_cast<long long>(s->c),
                 static_cast<long long>(s->spatial));
   *total = count;
   return BNORM_SUCCESS;
@@ -1755,7 +1760,8 @@ bnorm_status out_of_memory(const char* fn, int64_t c) {
 // then alias at once: NHWC inference 1x1024x14x14 took 12 or
 // 21 us depending on where malloc put the scratch (session 8); here it takes
 // 12 wherever it lands. It starts at out's offset within a cache line (on a
-// line when out is on one), so that when C is a multiple of 16 the NHWC
+// line when out is on one), so that when C (of the folded tensor) is a
+// multiple of 16 the NHWC
 // kernels' vectors of coefficients lie on vector boundaries exactly when
 // their vectors of data do (they align their stores to `out`).
 struct coefficient_scratch {
@@ -2141,7 +2147,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   const backward_coefficients coefficients{
       k,      gamma,      invstd.get(),     static_cast<double>(p.count),
       global, coef.get(), coef.get() + p.c, coef.get() + 2 * p.c};
-  float* aligned_mean = coef.get() + 3 * p.c;  // as apply_op
+  float* aligned_mean = coef.get() + 3 * p.c;  // as apply_op (not folded here)
   const apply_args args{global ? nullptr : x, dy,   dx,
                         aligned_mean,         coefficients.a, coefficients.b,
                         coefficients.c,       mask, stream_for(3 * total * static_cast<int64_t>(sizeof(float)))};

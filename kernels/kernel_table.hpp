@@ -114,7 +114,9 @@ struct relu_bits_in {
 };
 
 // The group kernels take channels of at most this many values: each
-// accumulator lane then sums at most 256 values with SSE2 (docs/numerics.md).
+// accumulator lane then sums at most 256 values with SSE2 when rows hold at
+// least two vectors; planes narrower than that sum one value per image
+// (docs/numerics.md).
 constexpr int64_t kGroupValues = 2048;
 // The widest vector, in floats (AVX-512).
 constexpr int64_t kMaxWidth = 16;

@@ -67,9 +67,10 @@ moments moments_double(const float* x, region r) {
 }
 
 // Calls add(v, q) for v = f(the values of one channel's region r), a vector
-// at a time, q cycling over the N accumulators 0..N-1 (fixed indices, so
-// that they stay in registers); row tails through masked vectors, zero in
-// the inactive lanes. With N = 4 the loop also asks for the data
+// at a time: per row, groups of N vectors to accumulators 0..N-1, the
+// vectors left over to 0, 1, 2, and the row's tail, a masked vector (zero in
+// the inactive lanes), to N - 1 (fixed indices, so that the accumulators
+// stay in registers). With N = 4 the loop also asks for the data
 // kSumsAhead floats ahead.
 //
 // Chunks of long rows take N = 4: with two accumulators the loop waited on

@@ -116,6 +116,7 @@ const HugeShape kHugeShapes[] = {
     {"n=INT64_MAX c=1 s=1 (bytes overflow)", std::numeric_limits<int64_t>::max(), 1, 1},
     {"n=1 c=1 s=2^61+1 (bytes > PTRDIFF_MAX)", 1, 1, (int64_t(1) << 61) + 1},
     {"n=3 c=2^61/3+1 (bytes > PTRDIFF_MAX)", 3, (int64_t(1) << 61) / 3 + 1, 1},
+    {"n=0 c=2^59 (the channels' scratch > PTRDIFF_MAX)", 0, int64_t(1) << 59, 1},
 };
 
 // Calls with a given shape and flags and eps and pointers from ops; one per operation.

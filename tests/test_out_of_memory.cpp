@@ -152,7 +152,7 @@ const Case kCases[] = {
 // Shapes that take the library's different paths: NCHW in phases, in fused channel blocks
 // (beyond the cache), grouped small planes, several slices per channel; NHWC in phases, in
 // fused column blocks (few rows, C >= 2048 on two threads), with the pilot (many slices),
-// folded (C = 5: rows of 40 channels and 3 rows left over).
+// folded (C = 5: rows of 40 channels, 80 with AVX-512, and 3 rows left over).
 const bnorm_shape kShapes[] = {
     {2, 5, 3, BNORM_NCHW},     {4, 64, 49, BNORM_NCHW},   {3, 24, 3136, BNORM_NCHW},
     {16, 9, 4096, BNORM_NCHW}, {1, 2048, 49, BNORM_NCHW}, {2, 5, 3, BNORM_NHWC},
