@@ -583,15 +583,15 @@ void deviation_rows(const float* x, region r, int64_t c0, int64_t c1, const floa
     V(0.f).store_aligned(s2 + j);
   }
   stream_rows<A, U>(r, c0, c1, [&](int64_t i, int64_t j, auto rows) {
-    const V k = V::load_unaligned(center + j - c0);
-    V d1 = V::load_aligned(s1 + j - c0), d2 = V::load_aligned(s2 + j - c0);
+    const V k = V::load_unaligned(center + (j - c0));
+    V d1 = V::load_aligned(s1 + (j - c0)), d2 = V::load_aligned(s2 + (j - c0));
     for (int u = 0; u < decltype(rows)::value; ++u) {
       const V d = V::load_unaligned(x + (i + u) * r.stride + j) - k;
       d1 += d;
       d2 = madd(d, d, d2);
     }
-    d1.store_aligned(s1 + j - c0);
-    d2.store_aligned(s2 + j - c0);
+    d1.store_aligned(s1 + (j - c0));
+    d2.store_aligned(s2 + (j - c0));
   });
 }
 
@@ -608,8 +608,8 @@ void moments_rows_shifted(const float* x, region r, int64_t c0, int64_t c1, cons
   for (int64_t j0 = c0; j0 < c1; j0 += 4 * W) {
     V d1[4], d2[4];
     for (int q = 0; q < 4; ++q) {
-      d1[q] = V::load_aligned(s1 + j0 - c0 + q * W);
-      d2[q] = V::load_aligned(s2 + j0 - c0 + q * W);
+      d1[q] = V::load_aligned(s1 + (j0 - c0) + q * W);
+      d2[q] = V::load_aligned(s2 + (j0 - c0) + q * W);
     }
     bool keep[4 * W];
     if (!shifted_moments<A, 4>(r.rows, j0, shift, d1, d2, out, keep))
@@ -628,10 +628,10 @@ void moments_rows(const float* x, region r, int64_t c0, int64_t c1, moments* out
   for (int64_t j = 0; j < c1 - c0; j += W) V(0.f).store_aligned(s1 + j);
   stream_rows<A, U>(r, c0, c1, [&](int64_t i, int64_t j, auto rows) {
     const V x0 = V::load_unaligned(x + j);
-    V s = V::load_aligned(s1 + j - c0);
+    V s = V::load_aligned(s1 + (j - c0));
     for (int u = 0; u < decltype(rows)::value; ++u)
       s += V::load_unaligned(x + (i + u) * r.stride + j) - x0;
-    s.store_aligned(s1 + j - c0);
+    s.store_aligned(s1 + (j - c0));
   });
   for (int64_t j = 0; j < c1 - c0; j += W)
     (V::load_unaligned(x + c0 + j) + V::load_aligned(s1 + j) / n).store_aligned(m + j);

@@ -167,12 +167,15 @@ TEST_P(Layouts, ShortPlanes) {
 // L = lcm(C, W, 8) channels (fold() in kernels/batchnorm.cpp), the rows left over as they are:
 // rows a multiple of g, with a rest, fewer rows than g (no fold), one channel (g = 8 with AVX2),
 // C = 127 (L = 1016 with AVX2, 2032 with AVX-512: folded or not by the vector width), C = 129
-// (L beyond kFoldFloats), many slices of folded rows with a rest (65536 x 3 + 5 rows).
+// (L beyond kFoldFloats), many slices of folded rows with a rest (65536 x 3 + 5 rows). C = 73
+// folds to rows of 584 channels (AVX2, SSE2) and C = 584 stays so (AVX-512): rows of more than
+// 512 channels, reduced in blocks of 512 columns, the second one short (under the sanitizer,
+// session 21's fuzzer found pointers formed past the block's sums there).
 TEST_P(Layouts, FoldedChannelCounts) {
   struct {
     int64_t n, c, s;
-  } shapes[] = {{4, 3, 64},   {3, 5, 33},    {1, 3, 5},   {2, 1, 999}, {5, 127, 17},
-                {3, 129, 20}, {65541, 3, 1}, {7, 20, 49}, {4, 100, 15}};
+  } shapes[] = {{4, 3, 64},    {3, 5, 33},  {1, 3, 5},    {2, 1, 999}, {5, 127, 17}, {3, 129, 20},
+                {65541, 3, 1}, {7, 20, 49}, {4, 100, 15}, {7, 73, 8},  {7, 584, 1}};
   int k = 0;
   for (auto& t : shapes)
     for (bool relu : {false, true}) {
