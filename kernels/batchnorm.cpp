@@ -616,10 +616,9 @@ flat_run run_at(const plan& p, int64_t at, int64_t count) {
 }
 
 // Scratch floats per channel (of the folded tensor, fold()) of the
-// elementwise passes: scale, shift and a
-// copy of the mean for the normalize; a, b, c and a copy of the mean for the
-// backward apply. The copy gives the NHWC kernels vectors of the mean at
-// the same offsets as the other arrays' (coefficient_scratch), whatever the
+// elementwise passes: scale, shift and a copy of the mean for the
+// normalize; a, b, c and a copy of the mean for the backward apply. The copy gives the NHWC kernels
+// vectors of the mean at the same offsets as the other arrays' (coefficient_scratch), whatever the
 // caller's array.
 constexpr int64_t kNormalizeScratch = 3;
 constexpr int64_t kApplyScratch = 4;
@@ -1761,9 +1760,9 @@ bnorm_status out_of_memory(const char* fn, int64_t c) {
 // 21 us depending on where malloc put the scratch (session 8); here it takes
 // 12 wherever it lands. It starts at out's offset within a cache line (on a
 // line when out is on one), so that when C (of the folded tensor) is a
-// multiple of 16 the NHWC
-// kernels' vectors of coefficients lie on vector boundaries exactly when
-// their vectors of data do (they align their stores to `out`).
+// multiple of 16 the NHWC kernels' vectors of coefficients lie on vector
+// boundaries exactly when their vectors of data do (they align their stores
+// to `out`).
 struct coefficient_scratch {
   buffer<float> block;
   float* base = nullptr;
@@ -1814,14 +1813,14 @@ void apply_op(const bnorm_shape* shape, unsigned flags, const float* x, const fl
   if (total == 0) return;
   const kernel_table& k = kernels();
   const folding f = fold(*shape, k.width);
-  const int64_t n = f.channels;
+  const int64_t wide = f.channels;
   const bool global = flags & BNORM_GLOBAL_STATS;
-  const backward_coefficients coefficients{k,      gamma, invstd,   static_cast<double>(count),
-                                           global, coef,  coef + n, coef + 2 * n};
+  const backward_coefficients coefficients{k,      gamma, invstd,      static_cast<double>(count),
+                                           global, coef,  coef + wide, coef + 2 * wide};
   for (int64_t c = 0; c < shape->c; ++c)
     coefficients(c, channel_sums ? channel_sums[c] : sums{0, 0});
   const int64_t bytes = 3 * total * static_cast<int64_t>(sizeof(float));
-  float* aligned_mean = coef + 3 * n;
+  float* aligned_mean = coef + 3 * wide;
   std::copy(mean, mean + shape->c, aligned_mean);
   repeat_channels(f, shape->c, {coefficients.a, coefficients.b, coefficients.c, aligned_mean});
   const apply_args args{global ? nullptr : x,
