@@ -148,7 +148,9 @@ plan make_plan(const bnorm_shape& s) {
     p.rows = s.n;
     p.stride = s.c * s.spatial;
     if (s.spatial <= kChunkValues) {
-      p.row_chunk = kChunkValues / std::max<int64_t>(s.spatial, 1);
+      // At most kChunkRows images: planes narrower than the reductions'
+      // accumulators put one value per image in a lane (docs/numerics.md).
+      p.row_chunk = std::min(kChunkRows, kChunkValues / std::max<int64_t>(s.spatial, 1));
       p.chunks = (s.n + p.row_chunk - 1) / p.row_chunk;
     } else {
       p.pieces = (s.spatial + kChunkValues - 1) / kChunkValues;

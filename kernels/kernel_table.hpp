@@ -113,9 +113,8 @@ struct relu_bits_in {
   int64_t index;
 };
 
-// The group kernels take channels of at most this many values: each
-// accumulator lane then sums at most 256 values with SSE2 when rows hold at
-// least two vectors; planes narrower than that sum one value per image
+// The group kernels take channels of at most this many values (and at most
+// 256 images): each accumulator lane then sums at most 256 values with SSE2
 // (docs/numerics.md).
 constexpr int64_t kGroupValues = 2048;
 // The widest vector, in floats (AVX-512).
