@@ -1781,18 +1781,14 @@ struct coefficient_scratch {
   float* get() const { return base; }
 };
 
-// Channels of the elementwise scratch: those of the folded tensor (fold()).
-int64_t scratch_channels(const bnorm_shape& s) { return fold(s, kernels().width).channels; }
-
 // y from given statistics; writes the mask if `relu_mask` is not NULL.
-// coef: kNormalizeScratch * scratch_channels(*shape) floats of scratch.
-void normalize_op(const bnorm_shape* shape, float eps, unsigned flags, const float* x,
-                  const float* gamma, const float* beta, const float* mean, const float* var,
-                  float* y, uint8_t* relu_mask, float* coef) {
+// f: fold(*shape); coef: kNormalizeScratch * f.channels floats of scratch.
+void normalize_op(const bnorm_shape* shape, const folding& f, float eps, unsigned flags,
+                  const float* x, const float* gamma, const float* beta, const float* mean,
+                  const float* var, float* y, uint8_t* relu_mask, float* coef) {
   const int64_t total = shape->n * shape->c * shape->spatial;
   if (total == 0) return;
   const kernel_table& k = kernels();
-  const folding f = fold(*shape, k.width);
   const int64_t c = shape->c;
   float* scale = coef;
   float* shift = coef + f.channels;
@@ -1807,14 +1803,14 @@ void normalize_op(const bnorm_shape* shape, float eps, unsigned flags, const flo
 }
 
 // dx from the per-channel sum(dy), sum(dy * xhat) over `count` values.
-// coef: kApplyScratch * scratch_channels(*shape) floats of scratch.
-void apply_op(const bnorm_shape* shape, unsigned flags, const float* x, const float* dy,
-              const float* gamma, const float* mean, const double* invstd, const uint8_t* relu_mask,
-              const sums* channel_sums, int64_t count, float* dx, float* coef) {
+// f: fold(*shape); coef: kApplyScratch * f.channels floats of scratch.
+void apply_op(const bnorm_shape* shape, const folding& f, unsigned flags, const float* x,
+              const float* dy, const float* gamma, const float* mean, const double* invstd,
+              const uint8_t* relu_mask, const sums* channel_sums, int64_t count, float* dx,
+              float* coef) {
   const int64_t total = shape->n * shape->c * shape->spatial;
   if (total == 0) return;
   const kernel_table& k = kernels();
-  const folding f = fold(*shape, k.width);
   const int64_t wide = f.channels;
   const bool global = flags & BNORM_GLOBAL_STATS;
   const backward_coefficients coefficients{k,      gamma, invstd,      static_cast<double>(count),
@@ -1894,7 +1890,7 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
     if (!channel || !coef || !folded_moments(k, f, x, nt, channel.get()))
       return out_of_memory(fn, p.c);
     k.finish(channel.get(), p.c, mean, var);
-    normalize_op(shape, eps, flags, x, gamma, beta, mean, var, y, relu ? relu_mask : nullptr,
+    normalize_op(shape, f, eps, flags, x, gamma, beta, mean, var, y, relu ? relu_mask : nullptr,
                  coef.get());
     return succeed();
   }
@@ -1956,9 +1952,10 @@ bnorm_status bnorm_forward_inference(const bnorm_shape* shape, float eps, unsign
   BNORM_REQUIRE(var);
   BNORM_REQUIRE_TENSOR(y);
   BNORM_CHECK(check_overlap(fn, y, "y", x, "x", total, true));
-  coefficient_scratch coef(kNormalizeScratch * scratch_channels(*shape), y);
+  const folding f = fold(*shape, kernels().width);
+  coefficient_scratch coef(kNormalizeScratch * f.channels, y);
   if (!coef) return out_of_memory(fn, shape->c);
-  normalize_op(shape, eps, flags, x, gamma, beta, mean, var, y, nullptr, coef.get());
+  normalize_op(shape, f, eps, flags, x, gamma, beta, mean, var, y, nullptr, coef.get());
   return succeed();
 }
 
@@ -1974,9 +1971,10 @@ bnorm_status bnorm_normalize(const bnorm_shape* shape, float eps, unsigned flags
   BNORM_REQUIRE_TENSOR(y);
   BNORM_CHECK(check_relu_mask(fn, flags, relu_mask, total));
   BNORM_CHECK(check_overlap(fn, y, "y", x, "x", total, true));
-  coefficient_scratch coef(kNormalizeScratch * scratch_channels(*shape), y);
+  const folding f = fold(*shape, kernels().width);
+  coefficient_scratch coef(kNormalizeScratch * f.channels, y);
   if (!coef) return out_of_memory(fn, shape->c);
-  normalize_op(shape, eps, flags, x, gamma, beta, mean, var, y,
+  normalize_op(shape, f, eps, flags, x, gamma, beta, mean, var, y,
                (flags & BNORM_FUSE_RELU) ? relu_mask : nullptr, coef.get());
   return succeed();
 }
@@ -2104,13 +2102,14 @@ bnorm_status bnorm_backward_apply(const bnorm_shape* shape, float eps, unsigned 
   BNORM_CHECK(check_overlap(fn, dx, "dx", x, "x", total, false));
   const plan p = make_plan(*shape);
   auto channel = allocate<sums>(p.c);
-  coefficient_scratch coef(kApplyScratch * scratch_channels(*shape), dx);
+  const folding f = fold(*shape, kernels().width);
+  coefficient_scratch coef(kApplyScratch * f.channels, dx);
   auto invstd = allocate<double>(p.c);
   if (!channel || !coef || !invstd) return out_of_memory(fn, p.c);
   for (int64_t c = 0; c < p.c; ++c)
     channel[c] = global ? sums{0, 0} : sums{sum_dy[c], sum_dy_xhat[c]};
   kernels().invstd(var, eps, p.c, invstd.get());
-  apply_op(shape, flags, x, dy, gamma, mean, invstd.get(), relu_mask, channel.get(), count, dx,
+  apply_op(shape, f, flags, x, dy, gamma, mean, invstd.get(), relu_mask, channel.get(), count, dx,
            coef.get());
   return succeed();
 }
@@ -2167,8 +2166,8 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
       if (dgamma) dgamma[c] = static_cast<float>(channel[c].dy_xmu);
       if (dbeta) dbeta[c] = static_cast<float>(channel[c].dy);
     }
-    apply_op(shape, flags, x, dy, gamma, mean, invstd.get(), relu_mask, channel.get(), p.count, dx,
-             coef.get());
+    apply_op(shape, f, flags, x, dy, gamma, mean, invstd.get(), relu_mask, channel.get(), p.count,
+             dx, coef.get());
     return succeed();
   }
   if (block == 0) {

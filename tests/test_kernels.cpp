@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <initializer_list>
+#include <initializer_list>
 #include <random>
 #include <string>
 #include <tuple>
@@ -132,6 +134,22 @@ void TestShape(bnorm_layout layout, int64_t n, int64_t c, int64_t spatial, int k
       .Test();
 }
 
+struct Shape {
+  int64_t n, c, s;
+};
+
+// TestShape for each shape, without and with ReLU, the k-th run with seed + k; stops at the
+// first failure.
+void TestShapes(bnorm_layout layout, std::initializer_list<Shape> shapes, uint64_t seed) {
+  int k = 0;
+  for (const Shape& t : shapes)
+    for (bool relu : {false, true}) {
+      ++k;
+      TestShape(layout, t.n, t.c, t.s, k, seed + k, relu);
+      if (::testing::Test::HasFailure()) return;
+    }
+}
+
 // 1200 and 2100 channels: rows whose coefficients and data exceed a 32 KiB L1d, which the
 // elementwise passes take in column blocks of 1024 channels (the backward's from 1171 channels
 // on, the normalize's from 1639), the last block narrower.
@@ -151,16 +169,8 @@ TEST_P(Layouts, ChannelCountsOfKernelForms) {
 // kernels/batchnorm.cpp): channels that do not fill the last vector, more than 256 images (two
 // float sums per column), planes of 3, 49 and 196 values.
 TEST_P(Layouts, ShortPlanes) {
-  struct {
-    int64_t n, c, s;
-  } shapes[] = {{16, 64, 49}, {64, 70, 49}, {300, 37, 3}, {65, 33, 196}, {20, 100, 15}};
-  int k = 0;
-  for (auto& t : shapes)
-    for (bool relu : {false, true}) {
-      ++k;
-      TestShape(GetParam(), t.n, t.c, t.s, k, 1201 + k, relu);
-      if (HasFailure()) return;
-    }
+  TestShapes(GetParam(), {{16, 64, 49}, {64, 70, 49}, {300, 37, 3}, {65, 33, 196}, {20, 100, 15}},
+             1201);
 }
 
 // NHWC rows whose channels do not fill whole vectors are read g rows at a time as rows of
@@ -172,17 +182,19 @@ TEST_P(Layouts, ShortPlanes) {
 // 512 channels, reduced in blocks of 512 columns, the second one short (under the sanitizer,
 // session 21's fuzzer found pointers formed past the block's sums there).
 TEST_P(Layouts, FoldedChannelCounts) {
-  struct {
-    int64_t n, c, s;
-  } shapes[] = {{4, 3, 64},    {3, 5, 33},  {1, 3, 5},    {2, 1, 999}, {5, 127, 17}, {3, 129, 20},
-                {65541, 3, 1}, {7, 20, 49}, {4, 100, 15}, {7, 73, 8},  {7, 584, 1}};
-  int k = 0;
-  for (auto& t : shapes)
-    for (bool relu : {false, true}) {
-      ++k;
-      TestShape(GetParam(), t.n, t.c, t.s, k, 1301 + k, relu);
-      if (HasFailure()) return;
-    }
+  TestShapes(GetParam(),
+             {{4, 3, 64},
+              {3, 5, 33},
+              {1, 3, 5},
+              {2, 1, 999},
+              {5, 127, 17},
+              {3, 129, 20},
+              {65541, 3, 1},
+              {7, 20, 49},
+              {4, 100, 15},
+              {7, 73, 8},
+              {7, 584, 1}},
+             1301);
 }
 
 // 3-D inputs: spatial is D*H*W (the library only sees the product).
