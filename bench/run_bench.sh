@@ -18,7 +18,8 @@
 # copy in any pass: this machine runs at full or half speed for seconds to
 # minutes at a time, and a row and its peers' rows can fall into different
 # states; see report.py best_of_json).
-# Everything else goes to the binary (Google Benchmark flags).
+# Everything else goes to the binary (--problems=LIST, Google Benchmark flags),
+# before or after the options above.
 #
 # PyTorch allocates its outputs on every call. glibc returns large blocks to
 # the kernel on free, so every call would fault its output in again; jemalloc
@@ -35,21 +36,28 @@ wait_quiet=0
 reruns=2
 passes=1
 rebuild=1
-while [ $# -gt 0 ]; do
+# Options may come in any order; the others go to the binary in theirs
+# (each is moved to the end of "$@" as the loop meets it).
+left=$#
+while [ $left -gt 0 ]; do
+  n=1
   case "$1" in
-    --quick) quick=1; shift ;;
-    --wait-quiet) wait_quiet=1; shift ;;
-    --no-build) rebuild=0; shift ;;
-    --reruns) reruns=$2; shift 2 ;;
-    --passes) passes=$2; shift 2 ;;
-    --passes=*) passes=${1#--passes=}; shift ;;
-    --reruns=*) reruns=${1#--reruns=}; shift ;;
-    --build) build=$2; shift 2 ;;
-    --build=*) build=${1#--build=}; shift ;;
-    --out) out=$2; shift 2 ;;
-    --out=*) out=${1#--out=}; shift ;;
-    *) break ;;
+    --quick) quick=1 ;;
+    --wait-quiet) wait_quiet=1 ;;
+    --no-build) rebuild=0 ;;
+    --reruns) reruns=${2-}; n=2 ;;
+    --passes) passes=${2-}; n=2 ;;
+    --passes=*) passes=${1#--passes=} ;;
+    --reruns=*) reruns=${1#--reruns=} ;;
+    --build) build=${2-}; n=2 ;;
+    --build=*) build=${1#--build=} ;;
+    --out) out=${2-}; n=2 ;;
+    --out=*) out=${1#--out=} ;;
+    *) set -- "$@" "$1" ;;
   esac
+  if [ $n -gt $left ]; then echo "run_bench.sh: $1 needs a value" >&2; exit 2; fi
+  shift $n
+  left=$((left - n))
 done
 case $passes in
   '' | *[!0-9]* | 0) echo "run_bench.sh: --passes takes a number >= 1" >&2; exit 2 ;;
