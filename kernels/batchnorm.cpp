@@ -183,31 +183,99 @@ plan make_plan(const bnorm_shape& s) {
 // NHWC 32x92x28x28, 32x20x56x56, 8x3x224x224: within 3%, session 21).
 constexpr int64_t kFoldFloats = 1024;
 
+// NCHW planes of at most kSpreadPlane values, shorter than a vector or
+// about one, cost the NCHW kernels a row of their own each (NCHW training
+// of 16x512x2x2 took 108 us, the same bytes as NHWC 16x2048 22 us). Such a
+// tensor is also N rows of C * spatial columns, S = spatial consecutive
+// columns to a channel: it runs as that NHWC tensor ("spread"), each
+// channel's S columns merged (merge_columns) and their sums added in order,
+// per-channel inputs repeated S times in place. The wide tensor has S times
+// the per-channel (per-column) work, so it takes at least as many images as
+// values a plane: with fewer, spatial 4-8 with C = 4096 took up to twice as
+// long as the NCHW kernels (training of 2-4 images). Time against the NCHW
+// kernels (op harness, median of 5; training / inference / backward):
+// 64x256x2 0.13 / 0.12 / 0.30, 16x512x4 0.23 / 0.22 / 0.77, 8x256x8
+// 0.56 / 0.31 / 0.53, 32x256x8 0.55 / 0.57 / 1.00, 2048x16x4 0.19 / 0.26
+// / 0.14, 8x4096x8 0.73 / 0.63 / 0.80, 3x4096x3 0.58 / 0.53 / 0.86,
+// 128x64x7 0.53 / 0.49 / 0.54. Planes of 9 values measured even, of 16 and
+// 25 slower. Each wide column's lanes sum at most kChunkRows values, as
+// every NHWC tensor's (docs/numerics.md).
+constexpr int64_t kSpreadPlane = 8;
+
 struct folding {
   int64_t g;         // rows per row of `whole`; 1: not folded
-  int64_t channels;  // channels of `whole`: g * c
-  plan whole;        // the tensor, or its first rows g at a time
+  int64_t spread;    // columns per channel in `whole` (kSpreadPlane); 1: not spread
+  int64_t channels;  // channels of `whole`: g * c or spread * c
+  plan whole;        // the tensor, or its first rows g at a time, or its NHWC view
   plan rest;         // the rows left over (count 0: none)
   int64_t at;        // index of the rest's first value, a multiple of 8
 
+  // Whether `whole` has other channels than the tensor.
+  bool changed() const { return g > 1 || spread > 1; }
   // Per-channel results the folded phases hold: the whole's, then the rest's.
   int64_t results() const { return g > 1 ? channels + channels / g : channels; }
 };
 
 folding fold(const bnorm_shape& s, int64_t width) {
   const plan p = make_plan(s);
-  folding f{1, s.c, p, make_plan({0, s.c, 1, BNORM_NHWC}), 0};
+  folding f{1, 1, s.c, p, make_plan({0, s.c, 1, BNORM_NHWC}), 0};
+  if (!p.nhwc && s.c > 0 && s.spatial > 1 && s.spatial <= kSpreadPlane && s.n >= s.spatial)
+    return {1,      s.spatial, s.c * s.spatial, make_plan({s.n, s.c * s.spatial, 1, BNORM_NHWC}),
+            f.rest, 0};
   if (!p.nhwc || p.count == 0 || s.c % width == 0 || s.c > kFoldFloats) return f;
   const int64_t l = std::lcm(s.c, std::max<int64_t>(width, 8)), g = l / s.c;
   if (l > kFoldFloats || p.rows < g) return f;
-  return {g, l, make_plan({p.rows / g, l, 1, BNORM_NHWC}),
-          make_plan({p.rows % g, s.c, 1, BNORM_NHWC}), p.rows / g * l};
+  return {g,
+          1,
+          l,
+          make_plan({p.rows / g, l, 1, BNORM_NHWC}),
+          make_plan({p.rows % g, s.c, 1, BNORM_NHWC}),
+          p.rows / g * l};
 }
 
-// The first c values of each array, repeated to fill f.channels.
+// a[j * S + i] = a[j] for j < c, i < S; from the end, in place. S is a
+// constant so that the inner loop unrolls (with S a variable the NCHW
+// inference of 2x4096x2x1 spent 80% of its time here).
+template <int S>
+void spread_in_place(float* a, int64_t c) {
+  for (int64_t j = c - 1; j >= 0; --j) {
+    const float v = a[j];
+    for (int i = 0; i < S; ++i) a[j * S + i] = v;
+  }
+}
+
+// The first c values of each array, repeated to fill f.channels: as a whole
+// (folded), or each value f.spread times (spread).
 void repeat_channels(const folding& f, int64_t c, std::initializer_list<float*> arrays) {
-  for (float* a : arrays)
-    for (int64_t j = c; j < f.channels; ++j) a[j] = a[j - c];
+  static_assert(kSpreadPlane == 8, "one case a plane size");
+  for (float* a : arrays) {
+    for (int64_t j = c; j < f.channels && f.g > 1; ++j) a[j] = a[j - c];
+    switch (f.spread) {
+      case 2:
+        spread_in_place<2>(a, c);
+        break;
+      case 3:
+        spread_in_place<3>(a, c);
+        break;
+      case 4:
+        spread_in_place<4>(a, c);
+        break;
+      case 5:
+        spread_in_place<5>(a, c);
+        break;
+      case 6:
+        spread_in_place<6>(a, c);
+        break;
+      case 7:
+        spread_in_place<7>(a, c);
+        break;
+      case 8:
+        spread_in_place<8>(a, c);
+        break;
+      default:
+        break;
+    }
+  }
 }
 
 // Chunk k of an NCHW channel: its region and its offset from the channel's
@@ -497,6 +565,24 @@ void merge(partial& a, const moments& b, double nb) {
   a.m.mean += delta * (nb / n);
   a.m.m2 += b.m2 + delta * delta * (a.n * nb / n);
   a.n = n;
+}
+
+// The moments of the union of k sets of the same count (a[i].n): the mean
+// of their means, and m2 the sum of theirs and of each count times its
+// mean's squared deviation from that mean. One division where k - 1
+// merge() calls take 2(k - 1): the spread NCHW training of 8x4096x8x1 took
+// 194-207 us with merge(), 139-171 with this.
+partial merge_columns(const partial* a, int64_t k) {
+  double sum = 0;
+  for (int64_t i = 0; i < k; ++i) sum += a[i].m.mean;
+  const double mean = sum / static_cast<double>(k);
+  double m2 = 0, squares = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const double d = a[i].m.mean - mean;
+    m2 += a[i].m.m2;
+    squares += d * d;
+  }
+  return {{mean, m2 + squares * a[0].n}, a[0].n * static_cast<double>(k)};
 }
 
 // merge() for c channels that hold the same counts, as NHWC chunks and the
@@ -1460,9 +1546,13 @@ void apply_phase(const kernel_table& k, const plan& p, const apply_args& args, i
 // The phases on a folding (fold()): the whole's, then the rest's on one
 // thread (fewer than kFoldFloats values).
 
-// The moments into out[0, c); out holds f.channels + c partials.
+// The moments into out[0, c); out holds f.results() partials.
 bool folded_moments(const kernel_table& k, const folding& f, const float* x, int nt, partial* out) {
   if (!moments_phase(k, f.whole, x, nt, out)) return false;
+  if (f.spread > 1) {  // in place: channel j's columns lie at or after j
+    for (int64_t j = 0; j < f.channels / f.spread; ++j)
+      out[j] = merge_columns(out + j * f.spread, f.spread);
+  }
   if (f.g == 1) return true;
   const int64_t c = f.channels / f.g;
   const partial* rest = out + f.channels;
@@ -1474,16 +1564,27 @@ bool folded_moments(const kernel_table& k, const folding& f, const float* x, int
   return true;
 }
 
-// The sums into out[0, c); out holds f.channels + c sums.
+// The sums into out[0, c); out holds f.results() sums.
 bool folded_sums(const kernel_table& k, const folding& f, const float* x, const float* dy,
                  const float* mean, const uint8_t* mask, int nt, sums* out) {
-  if (f.g == 1) return sums_phase(k, f.whole, x, dy, mean, mask, nt, out);
-  const int64_t c = f.channels / f.g;
+  if (!f.changed()) return sums_phase(k, f.whole, x, dy, mean, mask, nt, out);
+  const int64_t c = f.channels / (f.g * f.spread);
   auto wide = allocate<float>(f.channels);
   if (!wide) return false;
   std::copy(mean, mean + c, wide.get());
   repeat_channels(f, c, {wide.get()});
   if (!sums_phase(k, f.whole, x, dy, wide.get(), mask, nt, out)) return false;
+  if (f.spread > 1) {  // in place, as folded_moments
+    for (int64_t j = 0; j < c; ++j) {
+      sums acc = out[j * f.spread];
+      for (int64_t i = 1; i < f.spread; ++i) {
+        acc.dy += out[j * f.spread + i].dy;
+        acc.dy_xmu += out[j * f.spread + i].dy_xmu;
+      }
+      out[j] = acc;
+    }
+    return true;
+  }
   const sums* rest = out + f.channels;
   if (f.rest.count > 0 && !sums_phase(k, f.rest, x + f.at, dy + f.at, mean,
                                       mask ? mask + f.at / 8 : nullptr, 1, out + f.channels))
@@ -1801,7 +1902,7 @@ void normalize_op(const bnorm_shape* shape, const folding& f, float eps, unsigne
   const normalize_args args{x,     y, aligned_mean, scale, shift, (flags & BNORM_FUSE_RELU) != 0,
                             relu_mask, stream_for(bytes)};
   const int nt = threads_for(bytes, kStreamBytesPerThread);
-  if (f.g > 1) {
+  if (f.changed()) {
     coefficients(0, c);
     repeat_channels(f, c, {scale, shift, aligned_mean});
     folded_normalize(k, f, args, nt);
@@ -1899,7 +2000,7 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   const plan p = make_plan(*shape);
   const kernel_table& k = kernels();
   const int nt = threads_for(2 * total * static_cast<int64_t>(sizeof(float)), kBytesPerThread);
-  if (const folding f = fold(*shape, k.width); f.g > 1) {
+  if (const folding f = fold(*shape, k.width); f.changed()) {
     // moments -> merge -> normalize of the folded tensor, as the split-phase
     // API computes them.
     auto channel = allocate<partial>(f.results());
@@ -2160,7 +2261,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   auto invstd = allocate<double>(p.c);
   if (!channel || !coef || !invstd) return out_of_memory(fn, p.c);
 
-  const int64_t block = total == 0 ? 0 : nchw_backward_block(k, p, nt);
+  const int64_t block = total == 0 || f.changed() ? 0 : nchw_backward_block(k, p, nt);
   const backward_coefficients coefficients{
       k,      gamma,      invstd.get(),     static_cast<double>(p.count),
       global, coef.get(), coef.get() + p.c, coef.get() + 2 * p.c};
@@ -2168,7 +2269,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   const apply_args args{global ? nullptr : x, dy,   dx,
                         aligned_mean,         coefficients.a, coefficients.b,
                         coefficients.c,       mask, stream_for(3 * total * static_cast<int64_t>(sizeof(float)))};
-  if (block == 0 && (!need_sums || f.g > 1)) {
+  if (block == 0 && (!need_sums || f.changed())) {
     // No sums needed (global statistics without dgamma and dbeta, or no
     // values), or a folded tensor: reduce -> apply as the split-phase API
     // computes them.

@@ -197,6 +197,25 @@ TEST_P(Layouts, FoldedChannelCounts) {
              1301);
 }
 
+// NCHW planes of 2 to 8 values with at least as many images as values a plane run as the NHWC
+// tensor of N rows and C * spatial columns (fold() in kernels/batchnorm.cpp): each channel's
+// columns merged, per-channel inputs repeated. One channel, channels that fill no vector, more
+// images than a chunk holds (300 and 600: several slices), and the shapes on either side of the
+// rule (3 images of 4-value planes, 9-value planes: not spread).
+TEST_P(Layouts, SpreadPlanes) {
+  TestShapes(GetParam(),
+             {{2, 3, 2},
+              {16, 1, 4},
+              {8, 64, 8},
+              {5, 129, 5},
+              {9, 1031, 6},
+              {600, 5, 7},
+              {300, 37, 3},
+              {3, 40, 4},
+              {8, 20, 9}},
+             1401);
+}
+
 // 3-D inputs: spatial is D*H*W (the library only sees the product).
 TEST_P(Layouts, ThreeDimensionalInput) {
   struct {
