@@ -244,37 +244,25 @@ void spread_in_place(float* a, int64_t c) {
   }
 }
 
+// spread_in_place<S> by S, for the spreads fold() makes.
+using spreader = void (*)(float*, int64_t);
+constexpr spreader kSpreaders[kSpreadPlane + 1] = {nullptr,
+                                                   nullptr,
+                                                   spread_in_place<2>,
+                                                   spread_in_place<3>,
+                                                   spread_in_place<4>,
+                                                   spread_in_place<5>,
+                                                   spread_in_place<6>,
+                                                   spread_in_place<7>,
+                                                   spread_in_place<8>};
+static_assert(kSpreadPlane == 8, "a spreader for each plane size");
+
 // The first c values of each array, repeated to fill f.channels: as a whole
 // (folded), or each value f.spread times (spread).
 void repeat_channels(const folding& f, int64_t c, std::initializer_list<float*> arrays) {
-  static_assert(kSpreadPlane == 8, "one case a plane size");
   for (float* a : arrays) {
     for (int64_t j = c; j < f.channels && f.g > 1; ++j) a[j] = a[j - c];
-    switch (f.spread) {
-      case 2:
-        spread_in_place<2>(a, c);
-        break;
-      case 3:
-        spread_in_place<3>(a, c);
-        break;
-      case 4:
-        spread_in_place<4>(a, c);
-        break;
-      case 5:
-        spread_in_place<5>(a, c);
-        break;
-      case 6:
-        spread_in_place<6>(a, c);
-        break;
-      case 7:
-        spread_in_place<7>(a, c);
-        break;
-      case 8:
-        spread_in_place<8>(a, c);
-        break;
-      default:
-        break;
-    }
+    if (f.spread > 1) kSpreaders[f.spread](a, c);
   }
 }
 
