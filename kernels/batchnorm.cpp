@@ -886,12 +886,18 @@ void nchw_sums(const kernel_table& k, const plan& p, const float* x, const float
 void nhwc_item_sums(const kernel_table& k, const plan& p, const float* x, const float* dy,
                     const float* mean, const uint8_t* mask, const nhwc_item& it, sums* acc,
                     double* chunk) {
-  for (int64_t j = it.c0; j < it.c1; ++j) acc[j] = {0, 0};
-  for (int64_t ch = slice_begin(p, it.slice); ch < slice_begin(p, it.slice + 1); ++ch) {
+  const int64_t first = slice_begin(p, it.slice);
+  for (int64_t ch = first; ch < slice_begin(p, it.slice + 1); ++ch) {
     region r;
     const int64_t at = nhwc_part(p, it, ch, &r);
     k.backward_reduce_nhwc(x + at, dy + at, r, mean + it.c0, {mask, at}, far(p), chunk + it.c0,
                            chunk + p.c + it.c0);
+    // The first chunk's sums as they are (0 + s would turn -0 into +0:
+    // the same sums either way, one pass less over acc for few rows).
+    if (ch == first) {
+      for (int64_t j = it.c0; j < it.c1; ++j) acc[j] = {chunk[j], chunk[p.c + j]};
+      continue;
+    }
     for (int64_t j = it.c0; j < it.c1; ++j) {
       acc[j].dy += chunk[j];
       acc[j].dy_xmu += chunk[p.c + j];
