@@ -94,11 +94,13 @@ TrainingStats training_stats(const bnorm_shape& sh, const std::vector<float>& xv
 // (see bnorm_tester.hpp). A kernel computing E[x^2]-E[x]^2 in float, or summing 1e5-sized values
 // in float, misses the mean by many ulps and the variance by far more than 1e-3; a kernel
 // computing y as x*scale + (beta - mean*scale) loses u*|x*scale| ~ 1e5*u*|gamma|/std, about
-// twice the allowance.
+// twice the allowance. NCHW 16x70x4 runs as an NHWC tensor of 280 columns (fold's spread), whose
+// columns' moments merge_columns unites.
 TEST(Robustness, StatisticsAccurateWithLargeOffset) {
   struct {
     int64_t n, c, s;
-  } shapes[] = {{8, 5, 1000}, {1, 3, 65537}, {4096, 17, 1}, {3, 33, 251}, {70, 67, 49}};
+  } shapes[] = {{8, 5, 1000}, {1, 3, 65537}, {4096, 17, 1},
+                {3, 33, 251}, {70, 67, 49},  {16, 70, 4}};
   int k = 0;
   for (bnorm_layout layout : kLayouts)
     for (auto& t : shapes)
@@ -222,12 +224,12 @@ TEST(Robustness, OutlierFirstImageKeepsStatisticsAccurate) {
 }
 
 // A constant channel has variance exactly 0 and y exactly beta, whatever the constant; the
-// other channels are ordinary.
+// other channels are ordinary (in NCHW 16x70x4 also through merge_columns: fold's spread).
 TEST(Robustness, ConstantChannelIsExact) {
   const float constants[] = {1e7f, 10000001.0f, -12345.678f, 3.0e-3f, -7.5e6f};
   struct {
     int64_t n, c, s;
-  } shapes[] = {{4, 5, 3001}, {1, 17, 4099}, {6000, 3, 1}, {2, 33, 64}};
+  } shapes[] = {{4, 5, 3001}, {1, 17, 4099}, {6000, 3, 1}, {2, 33, 64}, {16, 70, 4}};
   int k = 0;
   for (bnorm_layout layout : kLayouts)
     for (auto& t : shapes)
@@ -487,14 +489,16 @@ struct OmpThreadsGuard {
 // Every output bitwise identical for any thread count and across repeated runs: awkward shapes
 // (prime sizes; fewer channels than threads with a long reduction; many more channels than
 // threads; NHWC with too few row chunks for the threads, which then split the columns, with C
-// not a multiple of 8 so that threads share mask bytes), both layouts.
+// not a multiple of 8 so that threads share mask bytes; NCHW planes of 3 values at 300 images,
+// run as an NHWC tensor of 192 columns, and of 9 values, reduced image after image past 256
+// images), both layouts.
 TEST(Robustness, DeterministicAcrossThreadCounts) {
   OmpThreadsGuard guard;
   const int threads[] = {1, 2, 3, 4, 7, 16, 64};
   struct {
     int64_t n, c, s;
-  } shapes[] = {{1, 3, (1 << 18) + 7}, {2, 1, 300007}, {2, 1031, 17}, {3, 5, 33},  {997, 3, 1},
-                {3, 1500, 23},         {5, 333, 113},  {66, 70, 49},  {300, 64, 3}};
+  } shapes[] = {{1, 3, (1 << 18) + 7}, {2, 1, 300007}, {2, 1031, 17}, {3, 5, 33},   {997, 3, 1},
+                {3, 1500, 23},         {5, 333, 113},  {66, 70, 49},  {300, 64, 3}, {300, 64, 9}};
   std::printf("bnorm_isa() = %s\n", bnorm_isa());
   int k = 0;
   for (bnorm_layout layout : kLayouts)
@@ -690,11 +694,11 @@ void for_shapes_and_threads(const std::vector<TestShape>& shapes, uint64_t seed,
 // AVX-512 negation of session 18's first version gave +0 for -0). The last shape's channels
 // (80000 values, 640 KB of x and dy) are larger than a quarter of any L2 up to 2 MiB: with
 // BNORM_CACHE_BYTES = 16 MiB (ctest's l3_blocks run) the NCHW backward takes blocks sized
-// from the L3.
+// from the L3. NCHW 16x70x4 runs as an NHWC tensor (fold's spread) in every entry point.
 TEST(Robustness, OperatorsAreBitwiseTheirSplitPhases) {
-  const std::vector<TestShape> shapes = {{4, 64, 1024}, {3, 5, 33},    {1, 300, 49}, {3, 130, 200},
-                                         {2, 70, 1500}, {600, 77, 1},  {8, 200, 49}, {70, 67, 49},
-                                         {20, 80, 196}, {2, 24, 40000}};
+  const std::vector<TestShape> shapes = {{4, 64, 1024}, {3, 5, 33},     {1, 300, 49}, {3, 130, 200},
+                                         {2, 70, 1500}, {600, 77, 1},   {8, 200, 49}, {70, 67, 49},
+                                         {20, 80, 196}, {2, 24, 40000}, {16, 70, 4}};
   for_shapes_and_threads(shapes, 9500, [](const bnorm_shape& sh, uint64_t seed) {
     Problem p = make_problem(sh, seed);
     for (size_t j = 0; j < p.gamma.size(); j += 3) p.gamma[j] = 0.f;
@@ -749,11 +753,12 @@ TEST(Robustness, AnyAlignmentGivesIdenticalResults) {
 // One NaN or infinity in channel `bad`: that channel's var and every y are NaN (mean NaN, or
 // infinite for an infinite input), dx and dgamma NaN; every other channel is bitwise equal to
 // the run where the bad element held its ordinary value. (NHWC puts neighbouring channels in
-// the same vector: a lane-crossing operation would leak the NaN.)
+// the same vector: a lane-crossing operation would leak the NaN; NCHW 16x70x4 puts a channel's
+// 4 columns in one vector, then merges them.)
 TEST(Robustness, NonFiniteInputStaysInItsChannel) {
   struct {
     int64_t n, c, s;
-  } shapes[] = {{3, 7, 33}, {2, 19, 64}, {50, 17, 1}, {1, 3, 1001}, {66, 70, 49}};
+  } shapes[] = {{3, 7, 33}, {2, 19, 64}, {50, 17, 1}, {1, 3, 1001}, {66, 70, 49}, {16, 70, 4}};
   const float bad_values[] = {std::numeric_limits<float>::quiet_NaN(),
                               std::numeric_limits<float>::infinity(),
                               -std::numeric_limits<float>::infinity()};
