@@ -1551,10 +1551,10 @@ bool folded_moments(const kernel_table& k, const folding& f, const float* x, int
   const int64_t c = f.channels / f.g;
   const partial* rest = out + f.channels;
   if (f.rest.count > 0 && !moments_phase(k, f.rest, x + f.at, 1, out + f.channels)) return false;
-  for (int64_t j = 0; j < c; ++j) {
-    for (int64_t i = 1; i < f.g; ++i) merge(out[j], out[i * c + j].m, out[i * c + j].n);
-    if (f.rest.count > 0) merge(out[j], rest[j].m, rest[j].n);
-  }
+  // Each channel's folded channels, then its rest, in that order (merge_into:
+  // the bits of merge()).
+  for (int64_t i = 1; i < f.g; ++i) merge_into(out, out + i * c, c);
+  if (f.rest.count > 0) merge_into(out, rest, c);
   return true;
 }
 
@@ -1570,12 +1570,8 @@ bool folded_sums(const kernel_table& k, const folding& f, const float* x, const 
   if (!sums_phase(k, f.whole, x, dy, wide.get(), mask, nt, out)) return false;
   if (f.spread > 1) {  // in place, as folded_moments
     for (int64_t j = 0; j < c; ++j) {
-      sums acc = out[j * f.spread];
-      for (int64_t i = 1; i < f.spread; ++i) {
-        acc.dy += out[j * f.spread + i].dy;
-        acc.dy_xmu += out[j * f.spread + i].dy_xmu;
-      }
-      out[j] = acc;
+      out[j] = out[j * f.spread];
+      for (int64_t i = 1; i < f.spread; ++i) merge_into(out + j, out + j * f.spread + i, 1);
     }
     return true;
   }
@@ -1583,16 +1579,8 @@ bool folded_sums(const kernel_table& k, const folding& f, const float* x, const 
   if (f.rest.count > 0 && !sums_phase(k, f.rest, x + f.at, dy + f.at, mean,
                                       mask ? mask + f.at / 8 : nullptr, 1, out + f.channels))
     return false;
-  for (int64_t j = 0; j < c; ++j) {
-    for (int64_t i = 1; i < f.g; ++i) {
-      out[j].dy += out[i * c + j].dy;
-      out[j].dy_xmu += out[i * c + j].dy_xmu;
-    }
-    if (f.rest.count > 0) {
-      out[j].dy += rest[j].dy;
-      out[j].dy_xmu += rest[j].dy_xmu;
-    }
-  }
+  for (int64_t i = 1; i < f.g; ++i) merge_into(out, out + i * c, c);
+  if (f.rest.count > 0) merge_into(out, rest, c);
   return true;
 }
 
