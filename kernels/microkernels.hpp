@@ -523,6 +523,19 @@ void moments_columns(const float* x, region r, int64_t j0, const float* shift, m
 // channel gets the same operations in the same order as in a column group,
 // so the results are bitwise the same.
 constexpr int64_t kStreamRowsFrom = 512;
+// Narrower rows of kStreamRowsVectors vectors or more (two column groups or
+// more) go the same way in cache, and beyond it up to twice that. From the
+// L3 the column groups of C = 64 on AVX2 (each row's 256 bytes in two walks
+// of 128 bytes) took half as long again as the NCHW moments of the same
+// bytes. In rows (Zen 3, session 23; bitwise the same): one thread,
+// bnorm_moments 8x64x56x56 183 -> 149 us, 8x128x28x28 107 -> 83,
+// 8x256x14x14 59 -> 43; forward training on two threads (bnorm_ab, both
+// orders) 8x64x56x56 -12%, 1x64x56x56 -8%, 1x128x28x28 -16%, 8x256x14x14
+// -8..-11%, 4096x256 -5..-8%, 32x128x28x28 even; beyond the cache
+// 32x64x56x56 -9..-12%, 32x64x112x112 -11%, but C = 128 +12..+14%
+// (128x128x28x28; C = 256 to 512 there go a row at a time, below). C = 32,
+// one column group, measured +2..+10%.
+constexpr int64_t kStreamRowsVectors = 8;
 constexpr int64_t kStreamBlock = 512;
 // Rows of kOneRowFrom to kStreamBlock channels go one row at a time in
 // memory order, with the sums in L1: in the moments for tensors beyond the
@@ -671,7 +684,8 @@ void moments_nhwc(const float* x, region r, const float* shift, bool far, moment
   };
   if (far && r.stride >= kOneRowFrom && r.stride <= kStreamBlock)
     in_rows(std::integral_constant<int, 1>{});
-  else if (r.stride >= kStreamRowsFrom)
+  else if (r.stride >= kStreamRowsFrom ||
+           (r.stride >= kStreamRowsVectors * W && (!far || r.stride < 2 * kStreamRowsVectors * W)))
     in_rows(std::integral_constant<int, 4>{});
   for (; j + 4 * W <= r.cols; j += 4 * W) moments_columns<A, 4>(x, r, j, shift, out);
   for (; j + W <= r.cols; j += W) moments_columns<A, 1>(x, r, j, shift, out);
