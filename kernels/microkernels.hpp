@@ -1549,15 +1549,20 @@ void backward_reduce_columns(const float* x, const float* dy, region r, int64_t 
   backward_sums_out<A>(x, dy, r, j0, Q * W, mean, relu_in, a0, a1, sum_dy, sum_dy_xmu);
 }
 
-// NHWC rows of kOneRowFrom to kStreamBlock channels (a multiple of W): one
-// row after the other, in memory order, with the sums in L1. The column
-// groups read 256 bytes of each 1-2 KiB row per pass, four passes or more
-// over a chunk; in memory order backward 8x256x56x56 took 29% less time,
-// 32x256x56x56 20%, 65536x256 27% (four rows at a time, as deviation_rows
-// does, was 2-9% slower). With C = 512 the sums alone took 3-22% less
-// (1x512x28x28 37 -> 29 us, 32x512x7x7 69 -> 55 us, 128x512x28x28 -6%;
-// session 9). Other widths measured slower or mixed this way (64: +5..+10%;
-// 128: up to +50%; 1024: -13..+28%, 4096x1024 in L3 the worst; 2048: +15..+42%).
+// NHWC rows of kStreamRowsVectors vectors to kStreamBlock channels (a
+// multiple of W): one row after the other, in memory order, with the sums
+// in L1. The column groups read 256 bytes of each 1-2 KiB row per pass,
+// four passes or more over a chunk; in memory order backward 8x256x56x56
+// took 29% less time, 32x256x56x56 20%, 65536x256 27% (four rows at a
+// time, as deviation_rows does, was 2-9% slower). With C = 512 the sums
+// alone took 3-22% less (1x512x28x28 37 -> 29 us, 32x512x7x7 69 -> 55 us,
+// 128x512x28x28 -6%; session 9). Until session 23 from 256 channels only:
+// on Zen 4 C = 64 had measured +5..+10% and 128 up to +50% (session 9); on
+// this project's Zen 3 (op harness, two rounds) the backward of
+// 8x64x56x56 took -16..-26%, 8x128x28x28 -10%, 32x64x56x56 -4..-13%,
+// 128x128x28x28 -5..-16%, with ReLU -9..-30% (32x128x28x28 and 1x64x56x56
+// even). Wider rows measured slower or mixed (1024: -13..+28%, 4096x1024
+// in L3 the worst; 2048: +15..+42%).
 // Every channel gets the same operations in the same order as in a column
 // group. Compiled with and without the ReLU mask (as the column groups;
 // 8x256x14x14 -4%, 1x512x28x28 -4%); two rows per load and store of the
@@ -1606,7 +1611,7 @@ template <class A>
 void backward_reduce_nhwc(const float* x, const float* dy, region r, const float* mean,
                           relu_bits_in relu_in, bool far, double* sum_dy, double* sum_dy_xmu) {
   constexpr int64_t W = simd::vfloat<A>::size;
-  if (r.stride >= kOneRowFrom && r.stride <= kStreamBlock && r.cols % W == 0) {
+  if (r.stride >= kStreamRowsVectors * W && r.stride <= kStreamBlock && r.cols % W == 0) {
     with_relu_mode(rows_relu_mode<A>(relu_in, r, 0), [&](auto mode) {
       constexpr relu_mode Relu = decltype(mode)::value;
       auto rows = far ? backward_reduce_rows<A, Relu, true> : backward_reduce_rows<A, Relu, false>;
