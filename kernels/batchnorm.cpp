@@ -57,9 +57,11 @@ bnorm_status succeed() {
 // NCHW chunks hold at most this many values of one channel (16 KiB, a third
 // of a 48 KiB L1d: the moments kernel's second pass then reads L1).
 constexpr int64_t kChunkValues = 4096;
-// NHWC chunks are this many whole rows. The moments kernel reduces a chunk a
-// group of 64 channels at a time, both passes over the group's rows x 256
-// bytes (64 KiB, in L1/L2) whatever C is; every chunk costs scalar work per
+// NHWC chunks are this many whole rows. The moments kernel reduces a chunk
+// four vectors of channels at a time, both passes over the group's rows
+// (256 x 128-256 bytes, in L1/L2) whatever C is, or, for rows of eight
+// vectors and more, the rows in memory order with the sums in L1
+// (moments_nhwc); every chunk costs scalar work per
 // channel (its float sums to double, a merge), so chunks are as long as the
 // accuracy bound allows: one float accumulator lane sums at most 256 values
 // (docs/numerics.md).
