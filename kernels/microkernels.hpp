@@ -1611,7 +1611,10 @@ template <class A>
 void backward_reduce_nhwc(const float* x, const float* dy, region r, const float* mean,
                           relu_bits_in relu_in, bool far, double* sum_dy, double* sum_dy_xmu) {
   constexpr int64_t W = simd::vfloat<A>::size;
-  if (r.stride >= kStreamRowsVectors * W && r.stride <= kStreamBlock && r.cols % W == 0) {
+  // AVX-512 rows of 128 channels keep their one group of 8 vectors (below).
+  const bool one_group = W == 16 && r.cols == 8 * W && r.stride == r.cols;
+  if (!one_group && r.stride >= kStreamRowsVectors * W && r.stride <= kStreamBlock &&
+      r.cols % W == 0) {
     with_relu_mode(rows_relu_mode<A>(relu_in, r, 0), [&](auto mode) {
       constexpr relu_mode Relu = decltype(mode)::value;
       auto rows = far ? backward_reduce_rows<A, Relu, true> : backward_reduce_rows<A, Relu, false>;
@@ -1634,7 +1637,7 @@ void backward_reduce_nhwc(const float* x, const float* dy, region r, const float
                                                            sum_dy_xmu);
     });
   };
-  if (W == 16 && r.cols == 8 * W && r.stride == r.cols) {
+  if (one_group) {
     columns(std::integral_constant<int, 8>{}, 0);
     return;
   }
