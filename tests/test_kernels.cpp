@@ -115,10 +115,13 @@ TEST_P(Layouts, TwoDimensionalInput) {
     }
 }
 
-// Channel counts where the NHWC kernels change form: rows of exactly 8 AVX-512 vectors (128,
-// one group in the backward sums), 256-511 channels (the backward sums in memory order, and the
-// moments too beyond the cache: the small_cache run), rows from 512 channels on (the moments
-// in memory order), and neighbours; with and without ReLU. 600 rows of 256 channels: 0.6 MB.
+// Channel counts where the NHWC kernels change form: rows of fewer than 8 vectors (48 with AVX2:
+// column groups and single vectors), rows of 8 vectors and more (64 and 72 with AVX2, 128 with
+// AVX-512: the moments four rows at a time in memory order, beyond the cache up to 15 vectors
+// (the small_cache run), the backward sums a row at a time), rows of exactly 8 AVX-512 vectors
+// (128, one group in the backward sums), 256-511 channels (the moments a row at a time beyond
+// the cache), rows from 512 channels on, and neighbours; with and without ReLU. 600 rows of 256
+// channels: 0.6 MB.
 // One BnormTester run of the shape, with the k-th offset and epsilon of the lists above.
 void TestShape(bnorm_layout layout, int64_t n, int64_t c, int64_t spatial, int k, uint64_t seed,
                bool relu) {
@@ -155,8 +158,8 @@ void TestShapes(bnorm_layout layout, std::initializer_list<Shape> shapes, uint64
 // on, the normalize's from 1639), the last block narrower.
 TEST_P(Layouts, ChannelCountsOfKernelForms) {
   int k = 0;
-  for (int64_t c : {int64_t(128), int64_t(130), int64_t(256), int64_t(512), int64_t(1040),
-                    int64_t(1200), int64_t(2100)})
+  for (int64_t c : {int64_t(48), int64_t(64), int64_t(72), int64_t(128), int64_t(130),
+                    int64_t(256), int64_t(512), int64_t(1040), int64_t(1200), int64_t(2100)})
     for (bool relu : {false, true}) {
       ++k;
       TestShape(GetParam(), 3, c, c == 256 ? 200 : 30, k, 991 + k, relu);
