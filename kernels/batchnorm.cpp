@@ -453,17 +453,20 @@ constexpr int64_t kPageFloats = 1024;
 // cache to the inputs. In cache, ordinary stores are faster.
 bool stream_for(int64_t bytes) { return bytes > cache_bytes(); }
 
+// `arrays` tensors of p's size do not fit in the cache together.
+bool exceeds_cache(const plan& p, int arrays) {
+  return stream_for(arrays * p.count * p.c * static_cast<int64_t>(sizeof(float)));
+}
+
 // The NHWC reductions' `far`: the tensor and an output of its size do not
 // fit in the cache together (the forward's test for streaming stores).
-bool far(const plan& p) { return stream_for(2 * p.count * p.c * static_cast<int64_t>(sizeof(float))); }
+bool far(const plan& p) { return exceeds_cache(p, 2); }
 // The NHWC backward sums': x, dy and dx do not fit in the cache together
 // (backward_reduce_rows then places its sums away from the rows' 4 KiB
 // aliases). With far(p) instead, tensors of a third to a half of the cache
 // kept their sums on the stack: NHWC backward 32x128x28x28 -13% and
 // 128x512x7x7 -9% placed (op harness, five rounds; with ReLU even).
-bool backward_far(const plan& p) {
-  return stream_for(3 * p.count * p.c * static_cast<int64_t>(sizeof(float)));
-}
+bool backward_far(const plan& p) { return exceeds_cache(p, 3); }
 
 // Called from inside an active parallel region that may not nest another,
 // one thread: a region there would be a team of one, and its cost (below,
@@ -1368,8 +1371,7 @@ void nhwc_pilot(const kernel_table& k, const plan& p, const float* x, int64_t c0
 // they save (8x128x28x28 backward +30%). (Session 9.)
 constexpr int64_t kAheadChannels = 2;
 bool prefetches_ahead(const plan& p, int arrays) {
-  return !p.nhwc && p.spatial < kShortPlaneFloats &&
-         stream_for(arrays * p.count * p.c * static_cast<int64_t>(sizeof(float)));
+  return !p.nhwc && p.spatial < kShortPlaneFloats && exceeds_cache(p, arrays);
 }
 void prefetch_ahead(const plan& p, const float* x, int64_t c, int64_t ch) {
   if (c + kAheadChannels >= p.c) return;
@@ -1741,7 +1743,7 @@ int64_t nchw_backward_block(const kernel_table& k, const plan& p, int nt) {
   // 32x1024x14x14 (5 channels a block) took 2497 us against 1943 in phases,
   // 32x2048x7x7 1253 against 996 (bnorm_ab, session 17).
   if (p.nhwc || short_planes(p, kPlaneSumsRows) || (nt > 1 && p.c < 4 * nt)) return 0;
-  if (!stream_for((arrays + 1) * p.count * p.c * static_cast<int64_t>(sizeof(float)))) return 0;
+  if (!exceeds_cache(p, arrays + 1)) return 0;
   const int64_t per_channel = p.count * static_cast<int64_t>(sizeof(float)) * arrays;
   // Channels larger than a quarter of L2 go in blocks of a quarter of each
   // thread's share of the L3 instead: the second pass then reads the L3,
