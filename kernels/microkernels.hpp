@@ -515,33 +515,48 @@ void moments_columns(const float* x, region r, int64_t j0, const float* shift, m
   two_pass_moments<A>(x, r, j0, Q * W, mv, s1, s2, out, keep);
 }
 
-// NHWC rows of many channels (kStreamRowsFrom and more) are reduced in
-// memory order instead: a block of up to kStreamBlock channels keeps its
-// accumulators in L1 (on the stack) and takes the rows four at a time, so
-// memory sees whole rows, as in a copy. A column group's 256 bytes per row
-// 8 KiB apart (C = 2048) ran at a third of a read's speed even from L3. Each
-// channel gets the same operations in the same order as in a column group,
-// so the results are bitwise the same.
-constexpr int64_t kStreamRowsFrom = 512;
-// Narrower rows of kStreamRowsVectors vectors or more (two column groups or
-// more) go the same way in cache, and beyond it up to twice that. From the
-// L3 the column groups of C = 64 on AVX2 (each row's 256 bytes in two walks
-// of 128 bytes) took half as long again as the NCHW moments of the same
-// bytes. In rows (Zen 3, session 23; bitwise the same): one thread,
-// bnorm_moments 8x64x56x56 183 -> 149 us, 8x128x28x28 107 -> 83,
-// 8x256x14x14 59 -> 43; forward training on two threads (bnorm_ab, both
+// NHWC rows of kStreamRowsVectors vectors or more (two column groups or
+// more) are reduced in memory order instead: a block of up to kWideBlock
+// channels, a whole row for every ResNet shape, keeps its accumulators in
+// L1 (on the stack) and takes the rows four at a time, so memory sees whole
+// rows, as in a copy. A column group's 256 bytes per row 8 KiB apart
+// (C = 2048) ran at a third of a read's speed even from L3, and from the L3
+// the column groups of C = 64 on AVX2 (each row's 256 bytes in two walks of
+// 128 bytes) took half as long again as the NCHW moments of the same bytes.
+// Each channel gets the same operations in the same order as in a column
+// group, so the results are bitwise the same. In rows (Zen 3, session 23):
+// one thread, bnorm_moments 8x64x56x56 183 -> 149 us, 8x128x28x28 107 ->
+// 83, 8x256x14x14 59 -> 43; forward training on two threads (bnorm_ab, both
 // orders) 8x64x56x56 -12%, 1x64x56x56 -8%, 1x128x28x28 -16%, 8x256x14x14
 // -8..-11%, 4096x256 -5..-8%, 32x128x28x28 even; beyond the cache
-// 32x64x56x56 -9..-12%, 32x64x112x112 -11%, but C = 128 +12..+14%
-// (128x128x28x28; C = 256 to 512 there go a row at a time, below). C = 32,
-// one column group, measured +2..+10%.
+// 32x64x56x56 -9..-12%, 32x64x112x112 -11%. C = 32, one column group,
+// measured +2..+10%. With SSE2 (W = 4) beyond the cache, C = 64 and 96 in
+// rows instead of column groups: moments -37..-45%, forward training
+// -23..-32% (session 24).
+//
+// Until session 24 the blocks were of kStreamBlock channels, so that wider
+// rows (C = 1024, 2048) went through a chunk's rows once a block, a
+// 2 KiB piece of every 4-8 KiB row each time. Whole rows, four at a time
+// (each row its own run of pages, four runs that the prefetchers follow),
+// bnorm_ab both orders: moments 8x1024x14x14 -17%, 32x2048x7x7 -9..-16%,
+// 4096x1024 -17..-19%, 128x1024x14x14 -12..-19%, 128x2048x7x7 -22..-24%,
+// 65536x1024 -10..-13%; forward training 128x2048x7x7 -13..-17%,
+// 128x1024x14x14 -7..-10%, 4096x1024 -6..-10%, 8x1024x14x14 -4..-8%.
 constexpr int64_t kStreamRowsVectors = 8;
 constexpr int64_t kStreamBlock = 512;
+constexpr int64_t kWideBlock = 2048;
 // Rows of kOneRowFrom to kStreamBlock channels go one row at a time in
 // memory order, with the sums in L1: in the moments for tensors beyond the
 // cache (moments_nhwc's `far`), always in the backward sums
-// (backward_reduce_rows).
-constexpr int64_t kOneRowFrom = 256;
+// (backward_reduce_rows). A bare loop on this Zen 3 read such rows one at a
+// time at 88-97% of a plain sum's rate, two or four at a time at 60-75%
+// (the four rows share pages and are read out of order within them); wider
+// rows, each its own pages, read fastest four at a time. From 128 channels
+// (512-byte rows) since session 24: beyond the cache C = 128 had taken the
+// column groups (four rows at a time measured +12..+14% there, session 23);
+// one row at a time, moments 32x128x56x56 -8..-18%, 128x128x28x28 -10..-16%,
+// forward training -3..-10%. C = 64 one row at a time: +0..+23%.
+constexpr int64_t kOneRowFrom = 128;
 
 // The backward sums of rows in memory order (backward_reduce_rows) keep
 // per-channel sums in L1 while the rows stream past, and store them on
@@ -560,14 +575,14 @@ constexpr int64_t kOneRowFrom = 256;
 template <int Arrays>
 class row_sums {
  public:
-  // column: the rows' first column; n <= kStreamBlock floats per array.
+  // column: the rows' first column; n <= kWideBlock floats per array.
   row_sums(const float* column, int64_t n)
       : base_(buf_ + reinterpret_cast<uintptr_t>(column) % 4096 / 64 * 16), n_(n) {}
   row_sums(const row_sums&) = delete;  // base_ points into buf_
   float* operator[](int k) { return base_ + k * n_; }
 
  private:
-  alignas(4096) float buf_[1024 + Arrays * kStreamBlock];
+  alignas(4096) float buf_[1024 + Arrays * kWideBlock];
   float* base_;
   int64_t n_;
 };
@@ -609,14 +624,14 @@ void deviation_rows(const float* x, region r, int64_t c0, int64_t c1, const floa
 }
 
 // moments_columns_shifted for the groups of 4 W channels in [c0, c1), c1 - c0
-// <= kStreamBlock, rows in memory order; a group whose shift is too far off
+// <= kWideBlock, rows in memory order; a group whose shift is too far off
 // gets the two passes.
 template <class A, int U = 4>
 void moments_rows_shifted(const float* x, region r, int64_t c0, int64_t c1, const float* shift,
                           moments* out) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
-  alignas(64) float s1[kStreamBlock], s2[kStreamBlock];
+  alignas(64) float s1[kWideBlock], s2[kWideBlock];
   deviation_rows<A, U>(x, r, c0, c1, shift + c0, s1, s2);
   for (int64_t j0 = c0; j0 < c1; j0 += 4 * W) {
     V d1[4], d2[4];
@@ -630,14 +645,14 @@ void moments_rows_shifted(const float* x, region r, int64_t c0, int64_t c1, cons
   }
 }
 
-// moments_columns (two passes) for the channels [c0, c1), c1 - c0 <= kStreamBlock a
+// moments_columns (two passes) for the channels [c0, c1), c1 - c0 <= kWideBlock a
 // multiple of W, rows in memory order.
 template <class A, int U = 4>
 void moments_rows(const float* x, region r, int64_t c0, int64_t c1, moments* out) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const V n(static_cast<float>(r.rows));
-  alignas(64) float m[kStreamBlock], s1[kStreamBlock], s2[kStreamBlock];
+  alignas(64) float m[kWideBlock], s1[kWideBlock], s2[kWideBlock];
   for (int64_t j = 0; j < c1 - c0; j += W) V(0.f).store_aligned(s1 + j);
   stream_rows<A, U>(r, c0, c1, [&](int64_t i, int64_t j, auto rows) {
     const V x0 = V::load_unaligned(x + j);
@@ -668,13 +683,13 @@ void moments_nhwc(const float* x, region r, const float* shift, bool far, moment
   // -7..-10%, 65536x256 -6..-19%; in cache (32x256x14x14) +19%, hence `far`.
   // C = 512 beyond the cache took 14-24% less time than four rows at a
   // time (the moments of 32x512x28x28 2.4 -> 1.8 ms; forward training
-  // 128x512x28x28 -8%, session 9); wider rows, whose blocks are parts of a
-  // row, measured slower (1024: +60%).
+  // 128x512x28x28 -8%, session 9); wider rows one at a time measured slower
+  // (1024: +60%, in blocks of 512 channels).
   auto in_rows = [&](auto rows_per_step) {
     constexpr int U = decltype(rows_per_step)::value;
     const int64_t end = r.cols / (4 * W) * (4 * W);
-    for (; j < end; j += kStreamBlock) {
-      const int64_t c1 = std::min(end, j + kStreamBlock);
+    for (; j < end; j += kWideBlock) {
+      const int64_t c1 = std::min(end, j + kWideBlock);
       if (shift)
         moments_rows_shifted<A, U>(x, r, j, c1, shift, out);
       else
@@ -684,8 +699,7 @@ void moments_nhwc(const float* x, region r, const float* shift, bool far, moment
   };
   if (far && r.stride >= kOneRowFrom && r.stride <= kStreamBlock)
     in_rows(std::integral_constant<int, 1>{});
-  else if (r.stride >= kStreamRowsFrom ||
-           (r.stride >= kStreamRowsVectors * W && (!far || r.stride < 2 * kStreamRowsVectors * W)))
+  else if (r.stride >= kStreamRowsVectors * W)
     in_rows(std::integral_constant<int, 4>{});
   for (; j + 4 * W <= r.cols; j += 4 * W) moments_columns<A, 4>(x, r, j, shift, out);
   for (; j + W <= r.cols; j += W) moments_columns<A, 1>(x, r, j, shift, out);
@@ -1549,10 +1563,10 @@ void backward_reduce_columns(const float* x, const float* dy, region r, int64_t 
   backward_sums_out<A>(x, dy, r, j0, Q * W, mean, relu_in, a0, a1, sum_dy, sum_dy_xmu);
 }
 
-// NHWC rows of kStreamRowsVectors vectors to kStreamBlock channels (a
-// multiple of W): one row after the other, in memory order, with the sums
-// in L1. The column groups read 256 bytes of each 1-2 KiB row per pass,
-// four passes or more over a chunk; in memory order backward 8x256x56x56
+// NHWC rows of kStreamRowsVectors vectors to kWideBlock channels (a
+// multiple of W), in memory order with the sums in L1: one row after the
+// other up to kStreamBlock channels, wider rows four at a time. The column groups read 256 bytes of
+// each 1-2 KiB row per pass, four passes or more over a chunk; in memory order backward 8x256x56x56
 // took 29% less time, 32x256x56x56 20%, 65536x256 27% (four rows at a
 // time, as deviation_rows does, was 2-9% slower). With C = 512 the sums
 // alone took 3-22% less (1x512x28x28 37 -> 29 us, 32x512x7x7 69 -> 55 us,
@@ -1561,14 +1575,19 @@ void backward_reduce_columns(const float* x, const float* dy, region r, int64_t 
 // this project's Zen 3 (op harness, two rounds) the backward of
 // 8x64x56x56 took -16..-26%, 8x128x28x28 -10%, 32x64x56x56 -4..-13%,
 // 128x128x28x28 -5..-16%, with ReLU -9..-30% (32x128x28x28 and 1x64x56x56
-// even). Wider rows measured slower or mixed (1024: -13..+28%, 4096x1024
-// in L3 the worst; 2048: +15..+42%).
+// even). Wider rows one at a time measured slower or mixed (1024:
+// -13..+28%, 4096x1024 in L3 the worst; 2048: +15..+42%); four at a time,
+// whole rows of up to kWideBlock channels (session 24; until then the
+// column groups), bnorm_ab both orders: backward 128x1024x14x14 -14..-20%,
+// 128x2048x7x7 -17..-25%, 65536x1024 -16..-21%, 32x1024x14x14 -21..-23%,
+// 8x1024x14x14 -13..-18%, 32x2048x7x7 -15%, 4096x1024 -19..-24%,
+// 1x1024x14x14 -6..-14%.
 // Every channel gets the same operations in the same order as in a column
 // group. Compiled with and without the ReLU mask (as the column groups;
 // 8x256x14x14 -4%, 1x512x28x28 -4%); two rows per load and store of the
 // sums measured +2..+5% (session 13).
 
-template <class A, relu_mode Relu>
+template <class A, relu_mode Relu, int U>
 __attribute__((always_inline)) inline void backward_reduce_rows_into(
     const float* x, const float* dy, region r, const float* mean, relu_bits_in relu_in, float* a0,
     float* a1, double* sum_dy, double* sum_dy_xmu) {
@@ -1579,14 +1598,19 @@ __attribute__((always_inline)) inline void backward_reduce_rows_into(
     zero.store_aligned(a0 + j);
     zero.store_aligned(a1 + j);
   }
-  stream_rows<A, 1>(r, 0, r.cols, [&](int64_t i, int64_t j, auto) {
-    const int64_t at = i * r.stride + j;
-    V g = V::load_unaligned(dy + at);
-    if constexpr (Relu != relu_mode::none)
-      g = masked<A, Relu>(g, relu_in.bits, relu_in.index + at, W);
-    (V::load_aligned(a0 + j) + g).store_aligned(a0 + j);
-    madd(g, V::load_unaligned(x + at) - V::load_unaligned(mean + j), V::load_aligned(a1 + j))
-        .store_aligned(a1 + j);
+  stream_rows<A, U>(r, 0, r.cols, [&](int64_t i, int64_t j, auto rows) {
+    const V m = V::load_unaligned(mean + j);
+    V s0 = V::load_aligned(a0 + j), s1 = V::load_aligned(a1 + j);
+    for (int u = 0; u < decltype(rows)::value; ++u) {
+      const int64_t at = (i + u) * r.stride + j;
+      V g = V::load_unaligned(dy + at);
+      if constexpr (Relu != relu_mode::none)
+        g = masked<A, Relu>(g, relu_in.bits, relu_in.index + at, W);
+      s0 += g;
+      s1 = madd(g, V::load_unaligned(x + at) - m, s1);
+    }
+    s0.store_aligned(a0 + j);
+    s1.store_aligned(a1 + j);
   });
   backward_sums_out<A>(x, dy, r, 0, r.cols, mean, relu_in, a0, a1, sum_dy, sum_dy_xmu);
 }
@@ -1594,16 +1618,16 @@ __attribute__((always_inline)) inline void backward_reduce_rows_into(
 // The sums in arrays on the stack (in cache) or placed by row_sums (Far):
 // NHWC backward beyond the L3 (bnorm_ab) 32x256x56x56 -17..-31%,
 // 65536x256 -16..-22%, 32x512x28x28 -12..-17%, 8x256x56x56 -14..-20%.
-template <class A, relu_mode Relu, bool Far>
+template <class A, relu_mode Relu, bool Far, int U>
 void backward_reduce_rows(const float* x, const float* dy, region r, const float* mean,
                           relu_bits_in relu_in, double* sum_dy, double* sum_dy_xmu) {
   if constexpr (Far) {
     row_sums<2> sums(x, r.cols);
-    backward_reduce_rows_into<A, Relu>(x, dy, r, mean, relu_in, sums[0], sums[1], sum_dy,
-                                       sum_dy_xmu);
+    backward_reduce_rows_into<A, Relu, U>(x, dy, r, mean, relu_in, sums[0], sums[1], sum_dy,
+                                          sum_dy_xmu);
   } else {
-    alignas(64) float a0[kStreamBlock], a1[kStreamBlock];
-    backward_reduce_rows_into<A, Relu>(x, dy, r, mean, relu_in, a0, a1, sum_dy, sum_dy_xmu);
+    alignas(64) float a0[kWideBlock], a1[kWideBlock];
+    backward_reduce_rows_into<A, Relu, U>(x, dy, r, mean, relu_in, a0, a1, sum_dy, sum_dy_xmu);
   }
 }
 
@@ -1613,18 +1637,21 @@ void backward_reduce_nhwc(const float* x, const float* dy, region r, const float
   constexpr int64_t W = simd::vfloat<A>::size;
   // AVX-512 rows of 128 channels keep their one group of 8 vectors (below).
   const bool one_group = W == 16 && r.cols == 8 * W && r.stride == r.cols;
-  if (!one_group && r.stride >= kStreamRowsVectors * W && r.stride <= kStreamBlock &&
+  if (!one_group && r.stride >= kStreamRowsVectors * W && r.stride <= kWideBlock &&
       r.cols % W == 0) {
     with_relu_mode(rows_relu_mode<A>(relu_in, r, 0), [&](auto mode) {
       constexpr relu_mode Relu = decltype(mode)::value;
-      auto rows = far ? backward_reduce_rows<A, Relu, true> : backward_reduce_rows<A, Relu, false>;
+      auto rows = r.stride <= kStreamBlock ? (far ? backward_reduce_rows<A, Relu, true, 1>
+                                                  : backward_reduce_rows<A, Relu, false, 1>)
+                                           : (far ? backward_reduce_rows<A, Relu, true, 4>
+                                                  : backward_reduce_rows<A, Relu, false, 4>);
       rows(x, dy, r, mean, relu_in, sum_dy, sum_dy_xmu);
     });
     return;
   }
-  // Wider rows in memory order four at a time, as moments_nhwc does, measured
-  // slower here (two arrays: 128x512x49 +9%, 4096x1024 +8%; 512 channels
-  // one row at a time won, above). Rows of
+  // Rows of up to 512 channels four at a time, as moments_nhwc does in
+  // cache, measured slower (two arrays: 128x512x49 +9%; one row at a time
+  // won, above). Narrower and wider rows take column groups. Rows of
   // 8 vectors with 32 registers (AVX-512: C = 128) in one group, in memory
   // order: 32x128x28x28 -13..-15%, 128x128x28x28 -18..-22%. Groups of 8
   // vectors that are parts of longer rows measured slower (+8..+28%, C = 256
