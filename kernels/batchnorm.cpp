@@ -655,8 +655,9 @@ int64_t nhwc_part(const plan& p, const nhwc_item& it, int64_t ch, region* r) {
   return at + it.c0;
 }
 
-// NHWC: the moments of item `it` (a slice's columns [c0, c1)), into
-// acc[c0, c1). chunk: c moments, shift: c floats of scratch. Each chunk
+// NHWC: the walk through the chunks of item `it` (a slice's columns [c0,
+// c1)), their moments merged into acc[c0, c1) (nhwc_item_moments). chunk: c
+// moments, shift: c floats of scratch. Each chunk
 // after the first of the slice is reduced around the previous chunk's means
 // (a single pass when they are close, see moments_nhwc). The first chunk of
 // a slice other than the first is reduced around `pilot` (if not null): the
@@ -666,26 +667,80 @@ int64_t nhwc_part(const plan& p, const nhwc_item& it, int64_t ch, region* r) {
 // 32x256x14x14 (25 chunks) ran at a third of a read's speed in cache. The
 // shifts depend only on the shape's chunks, so results stay independent of
 // the thread count.
-void nhwc_item_moments(const kernel_table& k, const plan& p, const float* x, const nhwc_item& it,
-                       partial* acc, moments* chunk, float* shift, const float* pilot,
-                       float* pilot_out) {
-  const float* const first_shift = it.slice > 0 && pilot ? pilot + it.c0 : nullptr;
-  const bool beyond_cache = far(p);
-  for (int64_t ch = slice_begin(p, it.slice); ch < slice_begin(p, it.slice + 1); ++ch) {
-    region r;
-    const int64_t at = nhwc_part(p, it, ch, &r);
-    const bool first = ch == slice_begin(p, it.slice);
-    k.moments_nhwc(x + at, r, first ? first_shift : shift + it.c0, beyond_cache, chunk + it.c0);
-    if (first) {  // acc takes the chunk's moments as they are (a merge into nothing)
-      for (int64_t j = it.c0; j < it.c1; ++j) acc[j] = {chunk[j], static_cast<double>(r.rows)};
-    } else {
-      merge_same_count(acc + it.c0, chunk + it.c0, r.cols, static_cast<double>(r.rows));
-    }
-    if (ch == 0 && pilot_out)
-      for (int64_t j = it.c0; j < it.c1; ++j) pilot_out[j] = static_cast<float>(chunk[j].mean);
-    if (ch + 1 == slice_begin(p, it.slice + 1)) break;  // no next chunk to shift
-    for (int64_t j = it.c0; j < it.c1; ++j) shift[j] = static_cast<float>(chunk[j].mean);
+class moments_walk {
+ public:
+  moments_walk(const plan& p, const nhwc_item& it, partial* acc, moments* chunk, float* shift,
+               const float* pilot, float* pilot_out)
+      : p_(p),
+        it_(it),
+        acc_(acc),
+        chunk_(chunk),
+        shift_(shift),
+        first_shift_(it.slice > 0 && pilot ? pilot + it.c0 : nullptr),
+        pilot_out_(pilot_out),
+        ch_(slice_begin(p, it.slice)) {}
+  bool done() const { return ch_ == slice_begin(p_, it_.slice + 1); }
+  // The next chunk's region (r), its offset in the tensor and its shift.
+  int64_t next(region* r, const float** shift) const {
+    *shift = first() ? first_shift_ : shift_ + it_.c0;
+    return nhwc_part(p_, it_, ch_, r);
   }
+  // Where the next chunk's moments go, columns [c0, c1).
+  moments* out() const { return chunk_ + it_.c0; }
+  // Takes the moments of the next chunk, of r.rows rows, from out().
+  void take(const region& r) {
+    if (first()) {  // acc takes the chunk's moments as they are (a merge into nothing)
+      for (int64_t j = it_.c0; j < it_.c1; ++j) acc_[j] = {chunk_[j], static_cast<double>(r.rows)};
+    } else {
+      merge_same_count(acc_ + it_.c0, chunk_ + it_.c0, r.cols, static_cast<double>(r.rows));
+    }
+    if (ch_ == 0 && pilot_out_)
+      for (int64_t j = it_.c0; j < it_.c1; ++j) pilot_out_[j] = static_cast<float>(chunk_[j].mean);
+    ++ch_;
+    if (!done())  // the shift of the next chunk
+      for (int64_t j = it_.c0; j < it_.c1; ++j) shift_[j] = static_cast<float>(chunk_[j].mean);
+  }
+
+ private:
+  bool first() const { return ch_ == slice_begin(p_, it_.slice); }
+
+  const plan& p_;
+  nhwc_item it_;
+  partial* acc_;
+  moments* chunk_;
+  float* shift_;
+  const float* first_shift_;
+  float* pilot_out_;
+  int64_t ch_;
+};
+
+void nhwc_item_moments(const kernel_table& k, const plan& p, const float* x, moments_walk& w) {
+  const bool beyond_cache = far(p);
+  while (!w.done()) {
+    region r;
+    const float* shift;
+    const int64_t at = w.next(&r, &shift);
+    k.moments_nhwc(x + at, r, shift, beyond_cache, w.out());
+    w.take(r);
+  }
+}
+
+// Two items at once, their chunks in step (kernel_table::moments_nhwc_pair),
+// then the rest of the longer one: each item's results as alone.
+void nhwc_item_moments(const kernel_table& k, const plan& p, const float* x, moments_walk& a,
+                       moments_walk& b) {
+  const bool beyond_cache = far(p);
+  while (!a.done() && !b.done()) {
+    region ra, rb;
+    const float *shift_a, *shift_b;
+    const int64_t at_a = a.next(&ra, &shift_a), at_b = b.next(&rb, &shift_b);
+    k.moments_nhwc_pair(x + at_a, ra, shift_a, a.out(), x + at_b, rb, shift_b, b.out(),
+                        beyond_cache);
+    a.take(ra);
+    b.take(rb);
+  }
+  nhwc_item_moments(k, p, x, a);
+  nhwc_item_moments(k, p, x, b);
 }
 
 // ---------------------------------------------------------------------------
@@ -1285,9 +1340,9 @@ bool nchw_one_slice(const plan& p) {
 
 //   then(team): last, in the same parallel region; out[c] for c in
 //   channels_of(p, t, threads) is final then.
-template <class R, class Item, class Group, class Chunk, class Slice, class Then>
+template <class R, class Items, class Group, class Chunk, class Slice, class Then>
 bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t result_bytes,
-                     int64_t work_floats, R* out, Item item, Group group, Chunk chunk,
+                     int64_t work_floats, R* out, Items items, Group group, Chunk chunk,
                      Slice slice, Then then) {
   buffer<R> slices;
   if (p.slices > 1 && !(slices = allocate<R>(p.slices * p.c))) return false;
@@ -1298,11 +1353,7 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
     const int t = tm.t, threads = tm.threads;
     if (p.nhwc) {
       const nhwc_work work(p, threads);  // as the elementwise passes' (elementwise_share)
-      const item_range r = work.share(t, threads);
-      for (int64_t i = r.begin; i < r.end; ++i) {
-        const nhwc_item it = work.item(i);
-        item(it, part + it.slice * p.c, scratch, t);
-      }
+      items(work, work.share(t, threads), part, scratch, t);
     } else if (grouped(p)) {  // one slice
       const item_range r = share_of(groups(k, p), t, threads);
       for (int64_t g = r.begin; g < r.end; ++g)
@@ -1399,18 +1450,38 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
   if (!held) return false;
   const bool ahead = prefetches_ahead(p, 2);  // x and y
   for (int i = 0; i < 2 * nt; ++i) held[i] = 0;
+  // Each thread's scratch: two chunks' moments, then the shifts of two
+  // items and the pilot.
   return reduction_phase<partial>(
-      k, p, nt, sizeof(moments), 2, out,
-      [&](const nhwc_item& it, partial* part, const nhwc_scratch& scratch, int t) {
+      k, p, nt, 2 * sizeof(moments), 3, out,
+      [&](const nhwc_work& work, item_range r, partial* part, const nhwc_scratch& scratch, int t) {
+        moments* const chunk = scratch.result<moments>(t);
         float* const shift = scratch.work(t);
         float* const pilot = piloted(p) ? shift + p.c : nullptr;
         int64_t* const cols = held.get() + 2 * t;
-        if (pilot && it.slice > 0 && !(cols[0] == it.c0 && cols[1] == it.c1))
-          nhwc_pilot(k, p, x, it.c0, it.c1, scratch.result<moments>(t), pilot);
-        nhwc_item_moments(k, p, x, it, part, scratch.result<moments>(t), shift, pilot,
-                          it.slice == 0 ? pilot : nullptr);
-        cols[0] = it.c0;
-        cols[1] = it.c1;
+        auto walk = [&](const nhwc_item& it, int second) {
+          if (pilot && it.slice > 0 && !(cols[0] == it.c0 && cols[1] == it.c1))
+            nhwc_pilot(k, p, x, it.c0, it.c1, chunk, pilot);
+          cols[0] = it.c0;
+          cols[1] = it.c1;
+          return moments_walk(p, it, part + it.slice * p.c, chunk + second * p.c,
+                              shift + second * 2 * p.c, pilot, it.slice == 0 ? pilot : nullptr);
+        };
+        // Beyond the cache, items two at a time (moments_nhwc_pair); slice
+        // 0 alone, as its first chunk gives the pilot of the others.
+        const bool pairs = far(p) && work.blocks == 1;
+        for (int64_t i = r.begin; i < r.end;) {
+          const nhwc_item a = work.item(i);
+          moments_walk wa = walk(a, 0);
+          if (!pairs || a.slice == 0 || i + 1 == r.end) {
+            nhwc_item_moments(k, p, x, wa);
+            ++i;
+            continue;
+          }
+          moments_walk wb = walk(work.item(i + 1), 1);
+          nhwc_item_moments(k, p, x, wa, wb);
+          i += 2;
+        }
       },
       [&](int64_t c0, int64_t c1, auto done) { nchw_moments(k, p, x, c0, c1, done); },
       [&](int64_t c, int64_t ch, partial& acc) {
@@ -1418,8 +1489,7 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
         if (ahead) prefetch_ahead(p, x, c, ch);
         nchw_chunk_moments(k, p, x + c * p.spatial, ch, acc, &around[c]);
       },
-      [&](int64_t c, int64_t s) { return nchw_slice_moments(k, p, x + c * p.spatial, s); },
-      then);
+      [&](int64_t c, int64_t s) { return nchw_slice_moments(k, p, x + c * p.spatial, s); }, then);
 }
 
 bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt, partial* out) {
@@ -1437,8 +1507,12 @@ bool sums_phase(const kernel_table& k, const plan& p, const float* x, const floa
   const bool ahead = prefetches_ahead(p, 3);  // x, dy and dx
   return reduction_phase<sums>(
       k, p, nt, 2 * sizeof(double), 0, out,
-      [&](const nhwc_item& it, sums* part, const nhwc_scratch& scratch, int t) {
-        nhwc_item_sums(k, p, x, dy, mean, mask, it, part, scratch.result<double>(t));
+      [&](const nhwc_work& work, item_range r, sums* part, const nhwc_scratch& scratch, int t) {
+        for (int64_t i = r.begin; i < r.end; ++i) {
+          const nhwc_item it = work.item(i);
+          nhwc_item_sums(k, p, x, dy, mean, mask, it, part + it.slice * p.c,
+                         scratch.result<double>(t));
+        }
       },
       [&](int64_t c0, int64_t c1, auto done) {
         nchw_sums(k, p, x, dy, mean, mask, c0, c1, ahead, done);
@@ -1709,8 +1783,8 @@ struct nhwc_columns {
   // result). Returns them, indexed by channel.
   const partial* reduce(const kernel_table& k, const float* x, int64_t c0, int64_t c1) {
     auto item = [&](int64_t s, partial* out) {
-      nhwc_item_moments(k, p, x, nhwc_item{s, c0, c1}, out, chunk.get(), work.get(), nullptr,
-                        nullptr);
+      moments_walk w(p, nhwc_item{s, c0, c1}, out, chunk.get(), work.get(), nullptr, nullptr);
+      nhwc_item_moments(k, p, x, w);
     };
     if (p.slices == 1) {
       item(0, total.get());

@@ -135,9 +135,15 @@ struct kernel_table {
   // NHWC: column j is channel j; out[j] for j < r.cols. shift: nullptr, or
   // r.cols values near the channels' means (the previous chunk's), which
   // allow a single pass over the data (microkernels.hpp).
-  // far: the tensor is larger than the cache (rows of 256-511 channels are
-  // then reduced in memory order; the same bits either way).
+  // far: the tensor is larger than the cache (rows of 128-512 channels are
+  // then reduced one row at a time; the same bits either way).
   void (*moments_nhwc)(const float* x, region r, const float* shift, bool far, moments* out);
+  // Two chunks' moments_nhwc at once: the results of two calls, the rows of
+  // the two read in turn where that is faster (far, rows of 8 vectors to
+  // 512 channels, both shifted).
+  void (*moments_nhwc_pair)(const float* xa, region ra, const float* shift_a, moments* out_a,
+                            const float* xb, region rb, const float* shift_b, moments* out_b,
+                            bool far);
 
   // scale[j] = gamma[j] / sqrt(var[j] + eps) (gamma null: 1) for j < n, a
   // vector of channels at a time (correctly rounded IEEE operations: the
