@@ -281,7 +281,7 @@ int64_t nchw_chunk(const plan& p, int64_t k, region* r) {
   return row * p.stride + col;
 }
 
-// Asks for n floats from p to be brought into L2 (see nchw_backward_block). The
+// Asks for n floats from p to be brought into L2 (see block_pass). The
 // instruction is a volatile asm statement: GCC 12 takes a function whose
 // only effect is __builtin_prefetch for one without effects and deletes
 // calls to it. Until session 9 the NHWC reductions asked for the next chunk
@@ -779,11 +779,15 @@ struct normalize_args {
 };
 
 // NCHW: run `item` of kRunValues values.
-void normalize_item(const kernel_table& k, const plan& p, const normalize_args& a, int64_t item) {
-  const int64_t at = item * kRunValues;
-  const int64_t count = std::min(kRunValues, p.rows * p.stride - at);
+void normalize_run(const kernel_table& k, const plan& p, const normalize_args& a, int64_t at,
+                   int64_t count) {
   k.normalize_nchw(a.x + at, a.y + at, run_at(p, at, count), a.mean, a.scale, a.shift,
                    {a.relu, a.mask, at}, a.stream);
+}
+
+void normalize_item(const kernel_table& k, const plan& p, const normalize_args& a, int64_t item) {
+  const int64_t at = item * kRunValues;
+  normalize_run(k, p, a, at, std::min(kRunValues, p.rows * p.stride - at));
 }
 
 struct apply_args {
@@ -1810,14 +1814,40 @@ bool few_rows(const plan& p, int nt) {
   return p.nhwc && p.rows <= l2_bytes() / 2 / block_row && p.c >= nt * kPageFloats;
 }
 
-int64_t nchw_backward_block(const kernel_table& k, const plan& p, int nt) {
-  constexpr int arrays = 2;  // x and dy
+// NCHW channel blocks whose `arrays` inputs (x, or x and dy) stay in the
+// cache between a reduction and the elementwise pass that follows (forward
+// training, backward): `count` blocks (0: the two phases), block b the
+// channels [begin(b), begin(b + 1)), whole vector groups when the channels
+// are reduced in groups. The count is a multiple of the thread count where
+// the channels allow, so that the threads have as many channels each (128
+// channels in 13 blocks of 10 gave one thread 70 and the other 58).
+//
+// The forward training took the two phases until session 24: in session 19
+// such blocks, each channel reduced over all its images in turn, had
+// measured -5..-12%, and on Zen 5 (one channel a block, session 15) slower
+// than the phases. Reduced chunk row by chunk row instead, as the phases
+// reduce a thread's channels (the images' parts of the block in memory
+// order), against the phases on this Zen 3 (bnorm_ab, both orders twice):
+// 32x64x56x56 -29..-33%, 128x128x28x28 -14..-22%, 32x64x112x112 -11..-18%,
+// 8x256x56x56 -12..-15%, 32x512x28x28 -5..-15%, 128x512x28x28 -3..-15%,
+// 32x256x56x56 -1..-19%, 8x64x112x112 -0..-7%, 128x64x56x56 -11..+4%;
+// channel after channel 128x128x28x28 had taken +2..+20%. The backward's
+// sums go the same way since (-0..-10%, 32x256x56x56 +3..+5%).
+struct channel_blocks {
+  int64_t c = 0, unit = 1, units = 0, count = 0;
+  int64_t begin(int64_t b) const { return std::min(c, b * units / count * unit); }
+};
+
+channel_blocks nchw_blocks(const kernel_table& k, const plan& p, int nt, int arrays) {
   // Short planes take the phases, whose sums walk the images in memory order
   // (nchw_plane_sums): blocks of a few channels read runs of a few KiB, and
-  // 32x1024x14x14 (5 channels a block) took 2497 us against 1943 in phases,
-  // 32x2048x7x7 1253 against 996 (bnorm_ab, session 17).
-  if (p.nhwc || short_planes(p, kPlaneSumsRows) || (nt > 1 && p.c < 4 * nt)) return 0;
-  if (!exceeds_cache(p, arrays + 1)) return 0;
+  // the backward of 32x1024x14x14 (5 channels a block) took 2497 us against
+  // 1943 in phases, 32x2048x7x7 1253 against 996 (bnorm_ab, session 17);
+  // the forward training of 32x1024x14x14 +20..+33% (session 24).
+  if (p.nhwc || short_planes(p, kPlaneSumsRows) || (nt > 1 && p.c < 4 * nt) ||
+      (arrays == 1 && !nchw_one_slice(p)))
+    return {};
+  if (!exceeds_cache(p, arrays + 1)) return {};
   const int64_t per_channel = p.count * static_cast<int64_t>(sizeof(float)) * arrays;
   // Channels larger than a quarter of L2 go in blocks of a quarter of each
   // thread's share of the L3 instead: the second pass then reads the L3,
@@ -1829,11 +1859,16 @@ int64_t nchw_backward_block(const kernel_table& k, const plan& p, int nt) {
   // of x and dy) take the phases.
   int64_t fit = l2_bytes() / 4 / per_channel;
   if (fit == 0) fit = cache_bytes() / (4 * nt) / per_channel;
-  if (fit == 0) return 0;
-  int64_t block = std::min(fit, std::max<int64_t>(1, p.c / (4 * nt)));
-  if (grouped(p)) block = (block + k.width - 1) / k.width * k.width;  // whole groups
-  const bool long_runs = block * p.spatial * static_cast<int64_t>(sizeof(float)) >= kMinRunBytes;
-  return long_runs ? block : 0;
+  if (fit == 0) return {};
+  channel_blocks b;
+  b.c = p.c;
+  b.unit = grouped(p) ? k.width : 1;
+  b.units = (p.c + b.unit - 1) / b.unit;
+  const int64_t most = std::max<int64_t>(1, std::min(fit, p.c / (4 * nt)) / b.unit);
+  b.count = std::min(b.units, ((b.units + most - 1) / most + nt - 1) / nt * nt);
+  const int64_t least = b.units / b.count * b.unit;  // channels in the smallest block
+  if (least * p.spatial * static_cast<int64_t>(sizeof(float)) < kMinRunBytes) return {};
+  return b;
 }
 
 // Image n's part of the channels [c0, c1): its first index and its length.
@@ -1842,6 +1877,30 @@ struct block_part {
 };
 block_part image_part(const plan& p, int64_t n, int64_t c0, int64_t c1) {
   return {n * p.stride + c0 * p.spatial, (c1 - c0) * p.spatial};
+}
+
+// The elementwise pass of block b (nchw_blocks): run(at, count) for each
+// image's part in turn. The next block's part of
+// every image is asked for (in each of the `arrays`) only when a block fits
+// in the quarter of L2 it was sized for: single channels of more
+// (8x64x112x112, 800 KB of x and dy) evicted their own data, and without
+// the requests the backward took 27-30% less time (8x64x112x112),
+// 5-8% less (32x64x112x112, 32x256x56x56); 32x512x28x28 (200 KB blocks)
+// took 35% more without them. (Session 9.)
+template <class Run>
+void block_pass(const plan& p, const channel_blocks& blocks, int64_t b,
+                std::initializer_list<const float*> arrays, Run run) {
+  const int64_t c0 = blocks.begin(b), c1 = blocks.begin(b + 1);
+  const int64_t bytes = (c1 - c0) * p.count * static_cast<int64_t>(sizeof(float) * arrays.size());
+  const bool ahead = c1 < p.c && bytes <= l2_bytes() / 4;
+  for (int64_t n = 0; n < p.rows; ++n) {
+    if (ahead) {
+      const block_part next = image_part(p, n, c1, blocks.begin(b + 2));
+      for (const float* a : arrays) prefetch_floats(a + next.at, next.count);
+    }
+    const block_part part = image_part(p, n, c0, c1);
+    run(part.at, part.count);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -2099,6 +2158,36 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   float* aligned_mean = coef.get() + 2 * p.c;  // as normalize_op, written channel range by range
   const normalize_args args{x,    y,         aligned_mean, scale,
                             shift, relu, relu_mask, stream_for(2 * total * static_cast<int64_t>(sizeof(float)))};
+  // NCHW channel blocks whose x stays in the cache between its moments and
+  // its normalize (nchw_blocks), as the backward's; each channel's moments
+  // those of its one slice, as in the phases. With ReLU only when every
+  // image's part of a block starts on a byte of the mask (no two threads
+  // write one byte).
+  const channel_blocks cached =
+      p.nhwc || (relu && p.spatial % 8 != 0) ? channel_blocks{} : nchw_blocks(k, p, nt, 1);
+  if (cached.count > 0) {
+    auto channel = allocate<partial>(p.c);
+    auto around = allocate<float>(p.c);
+    if (!channel || !around) return out_of_memory(fn, p.c);
+    parallel_for(nt, cached.count, [&](int64_t b) {
+      const int64_t c0 = cached.begin(b), c1 = cached.begin(b + 1);
+      // Chunk row by chunk row, in memory order within each image's part
+      // of the block (as the phases reduce a thread's channels).
+      for (int64_t c = c0; c < c1; ++c) {
+        channel[c] = partial{};
+        around[c] = std::numeric_limits<float>::quiet_NaN();
+      }
+      for (int64_t ch = 0; ch < p.chunks; ++ch)
+        for (int64_t c = c0; c < c1; ++c)
+          nchw_chunk_moments(k, p, x + c * p.spatial, ch, channel[c], &around[c]);
+      k.finish(channel.get() + c0, c1 - c0, mean + c0, var + c0);
+      scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
+      std::copy(mean + c0, mean + c1, aligned_mean + c0);
+      block_pass(p, cached, b, {x},
+                 [&](int64_t at, int64_t count) { normalize_run(k, p, args, at, count); });
+    });
+    return succeed();
+  }
   if (block == 0) {
     // moments -> merge -> normalize, as the split-phase API computes them,
     // in one parallel region: each thread finishes the statistics and the
@@ -2340,7 +2429,8 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   auto invstd = allocate<double>(p.c);
   if (!channel || !coef || !invstd) return out_of_memory(fn, p.c);
 
-  const int64_t block = total == 0 || f.changed() ? 0 : nchw_backward_block(k, p, nt);
+  const channel_blocks blocks =
+      total == 0 || f.changed() ? channel_blocks{} : nchw_blocks(k, p, nt, 2);  // x, dy
   const backward_coefficients coefficients{
       k,      gamma,      invstd.get(),     static_cast<double>(p.count),
       global, coef.get(), coef.get() + p.c, coef.get() + 2 * p.c};
@@ -2348,7 +2438,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   const apply_args args{global ? nullptr : x, dy,   dx,
                         aligned_mean,         coefficients.a, coefficients.b,
                         coefficients.c,       mask, stream_for(3 * total * static_cast<int64_t>(sizeof(float)))};
-  if (block == 0 && (!need_sums || f.changed())) {
+  if (blocks.count == 0 && (!need_sums || f.changed())) {
     // No sums needed (global statistics without dgamma and dbeta, or no
     // values), or a folded tensor: reduce -> apply as the split-phase API
     // computes them.
@@ -2398,7 +2488,7 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
     });
     return succeed();
   }
-  if (block == 0) {
+  if (blocks.count == 0) {
     // reduce -> apply, as the split-phase API computes them, in one parallel
     // region (as the forward training): each thread finishes the sums and
     // coefficients of its channel range, then, after a barrier, computes its
@@ -2417,35 +2507,26 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   }
 
   std::copy(mean, mean + p.c, aligned_mean);
-  const int64_t blocks = (p.c + block - 1) / block;
-  // The next block's part of every image is asked for only when a block
-  // fits in the quarter of L2 it was sized for: single channels of more
-  // (8x64x112x112, 800 KB of x and dy) evicted their own data, and without
-  // the requests the backward took 27-30% less time (8x64x112x112),
-  // 5-8% less (32x64x112x112, 32x256x56x56); 32x512x28x28 (200 KB blocks)
-  // took 35% more without them. (Session 9.)
-  const bool ahead = block * p.count * 2 * static_cast<int64_t>(sizeof(float)) <= l2_bytes() / 4;
-  parallel_for(nt, blocks, [&](int64_t b) {
-    const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
+  parallel_for(nt, blocks.count, [&](int64_t b) {
+    const int64_t c0 = blocks.begin(b), c1 = blocks.begin(b + 1);
     k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
     // The block's sums (its own channels: no other thread's), then their
     // coefficients a vector of channels at a time.
-    if (need_sums) {
+    if (need_sums && nchw_one_slice(p)) {
+      // Chunk row by chunk row, as the forward training's blocks.
+      std::fill(channel.get() + c0, channel.get() + c1, sums{0, 0});
+      for (int64_t ch = 0; ch < p.chunks; ++ch)
+        for (int64_t c = c0; c < c1; ++c)
+          nchw_chunk_sums(k, p, x, dy, c, mean[c], mask, ch, channel[c]);
+    } else if (need_sums) {
       nchw_sums(k, p, x, dy, mean, mask, c0, c1, false,
                 [&](int64_t c, const sums& acc) { channel[c] = acc; });
     } else {
       std::fill(channel.get() + c0, channel.get() + c1, sums{0, 0});
     }
     coefficients.finish(c0, c1, channel.get(), dgamma, dbeta);
-    for (int64_t n = 0; n < p.rows; ++n) {
-      if (ahead && c1 < p.c) {
-        const block_part next = image_part(p, n, c1, std::min(p.c, c1 + block));
-        prefetch_floats(x + next.at, next.count);
-        prefetch_floats(dy + next.at, next.count);
-      }
-      const block_part part = image_part(p, n, c0, c1);
-      apply_run(k, p, args, part.at, part.count);
-    }
+    block_pass(p, blocks, b, {x, dy},
+               [&](int64_t at, int64_t count) { apply_run(k, p, args, at, count); });
   });
   return succeed();
 }

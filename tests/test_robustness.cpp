@@ -694,13 +694,14 @@ void for_shapes_and_threads(const std::vector<TestShape>& shapes, uint64_t seed,
 // AVX-512 negation of session 18's first version gave +0 for -0). The last shape's channels
 // (80000 values, 640 KB of x and dy) are larger than a quarter of any L2 up to 2 MiB: with
 // BNORM_CACHE_BYTES = 16 MiB (ctest's l3_blocks run) the NCHW backward takes blocks sized
-// from the L3. NCHW 16x70x4 runs as an NHWC tensor (fold's spread) in every entry point; the
-// backward of 4x2500 and 30x2048 (few rows) in column blocks of 1024 (few_rows).
+// from the L3, and so does the forward training of 2x64x20000 (one slice, 160 KB of x a
+// channel; 10 MB with 1.5 MB blocks). NCHW 16x70x4 runs as an NHWC tensor (fold's spread) in every
+// entry point; the backward of 4x2500 and 30x2048 (few rows) in column blocks of 1024 (few_rows).
 TEST(Robustness, OperatorsAreBitwiseTheirSplitPhases) {
   const std::vector<TestShape> shapes = {{4, 64, 1024}, {3, 5, 33},     {1, 300, 49}, {3, 130, 200},
                                          {2, 70, 1500}, {600, 77, 1},   {8, 200, 49}, {70, 67, 49},
                                          {20, 80, 196}, {2, 24, 40000}, {16, 70, 4},  {4, 2500, 1},
-                                         {30, 2048, 1}};
+                                         {30, 2048, 1}, {2, 64, 20000}};
   for_shapes_and_threads(shapes, 9500, [](const bnorm_shape& sh, uint64_t seed) {
     Problem p = make_problem(sh, seed);
     for (size_t j = 0; j < p.gamma.size(); j += 3) p.gamma[j] = 0.f;
