@@ -1855,10 +1855,15 @@ channel_blocks nchw_blocks(const kernel_table& k, const plan& p, int nt, int arr
   // (512 KiB L2, 32 MiB L3; session 19, bnorm_ab, both orders) against the
   // phases: 32x64x112x112 -25%, 8x64x112x112 -22%, 32x256x56x56 -17%,
   // 128x256x56x56 -15%, 128x512x28x28 -15%, 128x64x56x56 -13%,
-  // 128x128x28x28 -2%. Channels of more than that (128x64x112x112, 12.5 MiB
-  // of x and dy) take the phases.
+  // 128x128x28x28 -2%. A channel of more than that but at most half a
+  // thread's share takes a block of its own: forward training
+  // 128x64x112x112 (6.3 MiB of x a channel) -10..-14% against the phases;
+  // blocks of half a share where a quarter fits more channels measured
+  // +3..+17% (session 24). Larger channels (the backward of
+  // 128x64x112x112, 12.5 MiB of x and dy) take the phases.
   int64_t fit = l2_bytes() / 4 / per_channel;
   if (fit == 0) fit = cache_bytes() / (4 * nt) / per_channel;
+  if (fit == 0 && per_channel <= cache_bytes() / (2 * nt)) fit = 1;
   if (fit == 0) return {};
   channel_blocks b;
   b.c = p.c;
