@@ -1505,21 +1505,27 @@ void backward_reduce_nchw_group(const float* x, const float* dy, region r, int64
   }
 }
 
-// kernel_table::plane_sums, four rows at a time in memory order (as
-// deviation_rows), compiled with and without the mask. The same sums as
-// backward_reduce_rows_into's loop; that one (a row at a time) as this
-// template with one row per step took 45% longer (NHWC backward_reduce
-// 8x256x14x14 in cache, 31 -> 46 us, session 18), so both stay.
-template <class A, relu_mode Relu>
-void plane_sums_rows(const float* x, const float* dy, region r, const float* mean,
-                     relu_bits_in relu_in, float* s1, float* s2) {
+// The float sums s1 of dy and s2 of dy * (x - mean) of every column of r, U
+// rows a step in memory order (as deviation_rows), compiled with and
+// without the mask: kernel_table::plane_sums (U = 4) and the NHWC backward
+// sums of rows (backward_reduce_rows_into: U = 1 to 512 channels, 4 beyond).
+// In session 18 a row at a time in this form took 45% longer than the
+// backward's own loop (NHWC backward_reduce 8x256x14x14 in cache, 31 -> 46
+// us). Inlined (GCC 12), one template for both measured as the two loops
+// did (backward_reduce 8x256x14x14, 8x64x56x56, 8x128x28x28,
+// 32x1024x14x14, NCHW 128x512x7x7: -5..+3%, session 24); called as a
+// function, the backward sums of 8x64x56x56 took 8-19% longer.
+template <class A, relu_mode Relu, int U>
+__attribute__((always_inline)) inline void sum_rows(const float* x, const float* dy, region r,
+                                                    const float* mean, relu_bits_in relu_in,
+                                                    float* s1, float* s2) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   for (int64_t j = 0; j < r.cols; j += W) {
     V(0.f).store_aligned(s1 + j);
     V(0.f).store_aligned(s2 + j);
   }
-  stream_rows<A, 4>(r, 0, r.cols, [&](int64_t i, int64_t j, auto rows) {
+  stream_rows<A, U>(r, 0, r.cols, [&](int64_t i, int64_t j, auto rows) {
     const V m = V::load_unaligned(mean + j);
     V a1 = V::load_aligned(s1 + j), a2 = V::load_aligned(s2 + j);
     for (int u = 0; u < decltype(rows)::value; ++u) {
@@ -1539,7 +1545,7 @@ template <class A>
 void plane_sums(const float* x, const float* dy, region r, const float* mean, relu_bits_in relu_in,
                 float* s1, float* s2) {
   with_relu_mode(rows_relu_mode<A>(relu_in, r, 0), [&](auto mode) {
-    plane_sums_rows<A, decltype(mode)::value>(x, dy, r, mean, relu_in, s1, s2);
+    sum_rows<A, decltype(mode)::value, 4>(x, dy, r, mean, relu_in, s1, s2);
   });
 }
 
@@ -1648,27 +1654,7 @@ template <class A, relu_mode Relu, int U>
 __attribute__((always_inline)) inline void backward_reduce_rows_into(
     const float* x, const float* dy, region r, const float* mean, relu_bits_in relu_in, float* a0,
     float* a1, double* sum_dy, double* sum_dy_xmu) {
-  using V = simd::vfloat<A>;
-  constexpr int64_t W = V::size;
-  const V zero(0.f);
-  for (int64_t j = 0; j < r.cols; j += W) {
-    zero.store_aligned(a0 + j);
-    zero.store_aligned(a1 + j);
-  }
-  stream_rows<A, U>(r, 0, r.cols, [&](int64_t i, int64_t j, auto rows) {
-    const V m = V::load_unaligned(mean + j);
-    V s0 = V::load_aligned(a0 + j), s1 = V::load_aligned(a1 + j);
-    for (int u = 0; u < decltype(rows)::value; ++u) {
-      const int64_t at = (i + u) * r.stride + j;
-      V g = V::load_unaligned(dy + at);
-      if constexpr (Relu != relu_mode::none)
-        g = masked<A, Relu>(g, relu_in.bits, relu_in.index + at, W);
-      s0 += g;
-      s1 = madd(g, V::load_unaligned(x + at) - m, s1);
-    }
-    s0.store_aligned(a0 + j);
-    s1.store_aligned(a1 + j);
-  });
+  sum_rows<A, Relu, U>(x, dy, r, mean, relu_in, a0, a1);
   backward_sums_out<A>(x, dy, r, 0, r.cols, mean, relu_in, a0, a1, sum_dy, sum_dy_xmu);
 }
 
