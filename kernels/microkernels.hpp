@@ -541,7 +541,10 @@ void moments_columns(const float* x, region r, int64_t j0, const float* shift, m
 // bnorm_ab both orders: moments 8x1024x14x14 -17%, 32x2048x7x7 -9..-16%,
 // 4096x1024 -17..-19%, 128x1024x14x14 -12..-19%, 128x2048x7x7 -22..-24%,
 // 65536x1024 -10..-13%; forward training 128x2048x7x7 -13..-17%,
-// 128x1024x14x14 -7..-10%, 4096x1024 -6..-10%, 8x1024x14x14 -4..-8%.
+// 128x1024x14x14 -7..-10%, 4096x1024 -6..-10%, 8x1024x14x14 -4..-8%. Rows
+// wider than kWideBlock keep blocks of kStreamBlock: in blocks of 2048 their
+// few rows in cache took longer (forward training 8x65536 +4..+5%,
+// 128x4096 +2..+4%; the sums and centres of 2048 channels fill most of L1).
 constexpr int64_t kStreamRowsVectors = 8;
 constexpr int64_t kStreamBlock = 512;
 constexpr int64_t kWideBlock = 2048;
@@ -697,8 +700,11 @@ void moments_nhwc(const float* x, region r, const float* shift, bool far, moment
   auto in_rows = [&](auto rows_per_step) {
     constexpr int U = decltype(rows_per_step)::value;
     const int64_t end = r.cols / (4 * W) * (4 * W);
-    for (; j < end; j += kWideBlock) {
-      const int64_t c1 = std::min(end, j + kWideBlock);
+    // Whole rows up to kWideBlock channels; wider rows in blocks of
+    // kStreamBlock, whose sums stay in L1 (see kWideBlock).
+    const int64_t block = r.stride <= kWideBlock ? kWideBlock : kStreamBlock;
+    for (; j < end; j += block) {
+      const int64_t c1 = std::min(end, j + block);
       if (shift)
         moments_rows_shifted<A, U>(x, r, j, c1, shift, out);
       else
