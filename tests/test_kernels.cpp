@@ -184,8 +184,9 @@ TEST_P(Layouts, ShortPlanes) {
 // (L beyond kFoldFloats), many slices of folded rows with a rest (65536 x 3 + 5 rows). C = 73
 // folds to rows of 584 channels (AVX2, SSE2) and C = 584 stays so (AVX-512): rows of more than
 // 512 channels, until session 24 reduced in blocks of 512 columns, the second one short (under
-// the sanitizer, session 21's fuzzer found pointers formed past the block's sums there; the
-// blocks are now of 2048 columns, and ChannelCountsOfKernelForms' C = 2100 has the short one).
+// the sanitizer, session 21's fuzzer found pointers formed past the block's sums there; rows of
+// up to 2048 channels are now whole, and ChannelCountsOfKernelForms' C = 2100, in blocks of 512,
+// has the short one).
 TEST_P(Layouts, FoldedChannelCounts) {
   TestShapes(GetParam(),
              {{4, 3, 64},
