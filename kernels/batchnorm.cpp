@@ -1324,10 +1324,13 @@ void merge_into(sums* acc, const sums* part, int64_t c) {
 // out[c] (which starts at R{}). With a single slice the partial results are
 // the results (merging one set into nothing copies it), so they go to `out`
 // directly.
-//   item(it, part, scratch, t): NHWC item it into part[c0, c1), the slice's row
+//   items(work, r, part, scratch, t): thread t's NHWC items r of work, each
+//   item it into part + it.slice * c, columns [c0, c1)
 //   group(c0, c1, done): grouped NCHW channels, done(c, result)
 //   chunk(c, ch, acc): chunk ch of NCHW channel c into acc (one slice)
 //   slice(c, s): slice s of NCHW channel c
+//   then(team): last, in the same parallel region; out[c] for c in
+//   channels_of(p, t, threads) is final then.
 // result_bytes, work_floats: per-channel NHWC scratch (see nhwc_scratch).
 //
 // NCHW channels of one slice (C >= kMaxSlices, or one chunk): each thread takes a range of
@@ -1342,8 +1345,19 @@ bool nchw_one_slice(const plan& p) {
   return !p.nhwc && !grouped(p) && p.slices == 1;
 }
 
-//   then(team): last, in the same parallel region; out[c] for c in
-//   channels_of(p, t, threads) is final then.
+// The NCHW channels [c0, c1) of one slice, chunk row by chunk row: chunk ch of
+// every channel, then chunk ch + 1, so that each image's part of the
+// channels is read in memory order. out[c] = R{}, then chunk(c, ch, out[c])
+// for the channel's chunks in order (the order of its arithmetic).
+template <class R, class Chunk>
+void chunk_rows(const plan& p, int64_t c0, int64_t c1, R* out, Chunk chunk) {
+  for (int64_t ch = 0; ch < p.chunks; ++ch)
+    for (int64_t c = c0; c < c1; ++c) {
+      if (ch == 0) out[c] = R{};
+      chunk(c, ch, out[c]);
+    }
+}
+
 template <class R, class Items, class Group, class Chunk, class Slice, class Then>
 bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t result_bytes,
                      int64_t work_floats, R* out, Items items, Group group, Chunk chunk,
@@ -1365,12 +1379,7 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
               [&](int64_t c, const R& result) { part[c] = result; });
     } else if (nchw_one_slice(p)) {
       const item_range r = channels_of(p, t, threads);
-      const int64_t c0 = r.begin, c1 = r.end;
-      for (int64_t ch = 0; ch < p.chunks; ++ch)
-        for (int64_t c = c0; c < c1; ++c) {
-          if (ch == 0) out[c] = R{};
-          chunk(c, ch, out[c]);
-        }
+      chunk_rows(p, r.begin, r.end, out, chunk);
     } else {
       const item_range r = share_of(p.c * p.slices, t, threads);
       for (int64_t i = r.begin; i < r.end; ++i) {
@@ -2176,15 +2185,11 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
     if (!channel || !around) return out_of_memory(fn, p.c);
     parallel_for(nt, cached.count, [&](int64_t b) {
       const int64_t c0 = cached.begin(b), c1 = cached.begin(b + 1);
-      // Chunk row by chunk row, in memory order within each image's part
-      // of the block (as the phases reduce a thread's channels).
-      for (int64_t c = c0; c < c1; ++c) {
-        channel[c] = partial{};
-        around[c] = std::numeric_limits<float>::quiet_NaN();
-      }
-      for (int64_t ch = 0; ch < p.chunks; ++ch)
-        for (int64_t c = c0; c < c1; ++c)
-          nchw_chunk_moments(k, p, x + c * p.spatial, ch, channel[c], &around[c]);
+      // As the phases reduce a thread's channels.
+      chunk_rows(p, c0, c1, channel.get(), [&](int64_t c, int64_t ch, partial& acc) {
+        if (ch == 0) around[c] = std::numeric_limits<float>::quiet_NaN();
+        nchw_chunk_moments(k, p, x + c * p.spatial, ch, acc, &around[c]);
+      });
       k.finish(channel.get() + c0, c1 - c0, mean + c0, var + c0);
       scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
       std::copy(mean + c0, mean + c1, aligned_mean + c0);
@@ -2517,12 +2522,10 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
     k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
     // The block's sums (its own channels: no other thread's), then their
     // coefficients a vector of channels at a time.
-    if (need_sums && nchw_one_slice(p)) {
-      // Chunk row by chunk row, as the forward training's blocks.
-      std::fill(channel.get() + c0, channel.get() + c1, sums{0, 0});
-      for (int64_t ch = 0; ch < p.chunks; ++ch)
-        for (int64_t c = c0; c < c1; ++c)
-          nchw_chunk_sums(k, p, x, dy, c, mean[c], mask, ch, channel[c]);
+    if (need_sums && nchw_one_slice(p)) {  // as the phases and the training's blocks
+      chunk_rows(p, c0, c1, channel.get(), [&](int64_t c, int64_t ch, sums& acc) {
+        nchw_chunk_sums(k, p, x, dy, c, mean[c], mask, ch, acc);
+      });
     } else if (need_sums) {
       nchw_sums(k, p, x, dy, mean, mask, c0, c1, false,
                 [&](int64_t c, const sums& acc) { channel[c] = acc; });

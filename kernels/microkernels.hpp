@@ -768,7 +768,8 @@ void moments_nhwc_pair(const float* xa, region ra, const float* shift_a, moments
   for (int64_t j = 0; j < c; j += W) {
     for (float* a : {sa1, sa2, sb1, sb2}) V(0.f).store_aligned(a + j);
   }
-  // deviation_rows<A, 1> on one row
+  // deviation_rows<A, 1> on one row (calling its loop on one-row regions
+  // took 6% more instructions: callgrind, NHWC moments 4x512x28x28)
   auto row = [&](const float* x, const float* shift, float* s1, float* s2) {
     for (int64_t j = 0; j < c; j += W) {
       const V d = V::load_unaligned(x + j) - V::load_unaligned(shift + j);
