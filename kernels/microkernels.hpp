@@ -863,6 +863,11 @@ class mask_writer {
         put_part(mask_, index_ + j, n, positive);
     }
   }
+  // The bits of four whole vectors from j (bytes mode, W = 8: simd::to_bits4).
+  void put4(int64_t j, uint32_t positive) {
+    static_assert(Mode == relu_mode::bytes && simd::vfloat<A>::size == 8, "four bytes");
+    std::memcpy(mask_ + ((index_ + j) >> 3), &positive, 4);
+  }
   void finish() { bits_.finish(); }
 
  private:
@@ -1063,26 +1068,25 @@ class channel_walker {
 };
 
 // Calls step(j, n, k) for the run's values [j, j + n), n <= W, in order, k
-// holding each lane's coefficients: a first step of `head` < W values (if
-// any; walk_head: so that the full vectors' stores are aligned, streaming
-// stores must be, or their mask bits in whole bytes), full vectors, and a
-// shorter last one. Vectors within one channel take its coefficients from
-// a tight loop; a vector that crosses into the next channel takes cross()
-// on rows of at least W values (it crosses once), next() on shorter rows.
-// (With next() for every crossing vector, whose loops kept the
-// coefficients on the stack, bnorm_ab on Zen 3, both orders: NCHW
-// inference 8x512x7x7 -29..-35%, 32x2048x7x7 -24%, 1x2048x7x7 -31%,
-// 8x256x14x14 -11%; backward 8x512x7x7 -20%, 32x2048x7x7 -15%, 128x512x7x7
-// with ReLU -16%; training with ReLU 8x512x7x7 -11%. Rows of W to 4 W
-// values took next() for every vector until session 20: inference
+// holding each lane's coefficients (or, given a quad, quad(j, k) for four
+// full vectors of one channel from j, where a channel has them): a first step of `head` < W values
+// (if any; walk_head: so that the full vectors' stores are aligned, streaming stores must be, or
+// their mask bits in whole bytes), full vectors, and a shorter last one. Vectors within one channel
+// take its coefficients from a tight loop; a vector that crosses into the next channel takes
+// cross() on rows of at least W values (it crosses once), next() on shorter rows. (With next() for
+// every crossing vector, whose loops kept the coefficients on the stack, bnorm_ab on Zen 3, both
+// orders: NCHW inference 8x512x7x7 -29..-35%, 32x2048x7x7 -24%, 1x2048x7x7 -31%, 8x256x14x14 -11%;
+// backward 8x512x7x7 -20%, 32x2048x7x7 -15%, 128x512x7x7 with ReLU -16%; training with ReLU
+// 8x512x7x7 -11%. Rows of W to 4 W values took next() for every vector until session 20: inference
 // 32x512x5x5 -34%, 32x512x4x4 -24%, 32x256x3x3 -41%, backward -1..-22%;
 // the path of 7x7 on AVX-512 where walk_channels is not taken, not measured
 // there.) Inlined into its caller, and the step into it (always_inline on
 // the callers' lambdas: GCC 12 otherwise called some steps once per
 // vector), so that the walker and the step's state stay in registers.
-template <class A, int K, class Step>
+template <class A, int K, class Step, class Quad = std::nullptr_t>
 __attribute__((always_inline)) inline void walk_vectors(channel_walker<A, K>& walk, int64_t count,
-                                                        int64_t head, Step step) {
+                                                        int64_t head, Step step,
+                                                        Quad quad = nullptr) {
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   V k[K];
@@ -1102,7 +1106,10 @@ __attribute__((always_inline)) inline void walk_vectors(channel_walker<A, K>& wa
     const int64_t same = std::min(walk.left(), count - j) / W * W;
     if (same > 0) {
       walk.current(k);
-      for (const int64_t end = j + same; j < end; j += W) step(j, W, k);
+      const int64_t end = j + same;
+      if constexpr (!std::is_null_pointer_v<Quad>)
+        for (; j + 4 * W <= end; j += 4 * W) quad(j, k);
+      for (; j < end; j += W) step(j, W, k);
       walk.skip(same);
     } else {  // rows here are at least W long: one crossing
       walk.cross(k);
@@ -1176,6 +1183,30 @@ inline void store_n(float* p, simd::vfloat<A> v, int64_t n, bool stream) {
     simd::store_first<A>(p, v, n);
 }
 
+// Whether a walk that writes the ReLU mask in mode Relu stores the bits of
+// four vectors at once (simd::to_bits4: AVX2 in bytes mode). Not on
+// AVX-512, whose mask register gives a vector's 16 bits in one move to a
+// 2-byte store (not measured: this project's machine has no AVX-512).
+template <class A, relu_mode Relu>
+constexpr bool mask_quads = Relu == relu_mode::bytes&& simd::is_avx<A>;
+
+// The output vectors of values [j, j + 4 W), value(u) the one from j + u W,
+// and their ReLU mask bits in one store (mask_quads).
+template <class A, bool Stream, class Writer, class Value>
+__attribute__((always_inline)) inline void put_quad(float* y, int64_t j, Writer& bits,
+                                                    Value value) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  V v[4];
+  simd::vmask<A> positive[4];
+  for (int u = 0; u < 4; ++u) {
+    v[u] = value(u);
+    positive[u] = v[u] > V(0.f);
+  }
+  bits.put4(j, simd::to_bits4<A>(positive));
+  for (int u = 0; u < 4; ++u) simd::store<A>(y + j + u * W, v[u], Stream);
+}
+
 // Compiled once per (ReLU mode, streaming) pair so that the loop tests
 // neither. (With the mask bit by bit, through one bit_writer's chain, the
 // NCHW forward training with ReLU of 8x256x14x14 took 1.7 times as long as
@@ -1185,21 +1216,32 @@ __attribute__((noinline)) void normalize_run(const float* x, float* y, flat_run 
                                              const float* mean, const float* scale,
                                              const float* shift, relu_bits relu_out) {
   using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
   const float* const coef[3] = {mean, scale, shift};
   mask_writer<A, Relu> bits(relu_out.bits, relu_out.index);
+  auto value = [&](int64_t j, int64_t n, const V* k) __attribute__((always_inline)) {
+    const V v = madd(load_n<A>(x + j, n) - k[0], k[1], k[2]);
+    return Relu == relu_mode::none ? v : relu_vec<A>(v);
+  };
   auto step = [&](int64_t j, int64_t n, const V* k) __attribute__((always_inline)) {
-    V v = madd(load_n<A>(x + j, n) - k[0], k[1], k[2]);
-    if constexpr (Relu != relu_mode::none) {
-      v = relu_vec<A>(v);
+    const V v = value(j, n, k);
+    if constexpr (Relu != relu_mode::none)
       bits.put(j, n, to_bits<A>(v > V(0.f)) & ((1u << n) - 1u));
-    }
     store_n<A>(y + j, v, n, Stream);
   };
   if constexpr (!Stream && (Relu == relu_mode::none || Relu == relu_mode::clamp)) {
     if (by_channel<A>(f.spatial, x == y)) return walk_channels<A, 3>(coef, f, step);
   }
   channel_walker<A, 3> walk(coef, f);
-  walk_vectors<A>(walk, f.count, head, step);
+  if constexpr (mask_quads<A, Relu>) {
+    auto quad = [&](int64_t j, const V* k) __attribute__((always_inline)) {
+      put_quad<A, Stream>(
+          y, j, bits, [&](int u) __attribute__((always_inline)) { return value(j + u * W, W, k); });
+    };
+    walk_vectors<A>(walk, f.count, head, step, quad);
+  } else {
+    walk_vectors<A>(walk, f.count, head, step);
+  }
   bits.finish();
   if (Stream) _mm_sfence();
 }
@@ -1237,19 +1279,25 @@ void normalize_nchw(const float* x, float* y, flat_run f, const float* mean, con
 //
 // Calls step(j, n, q, wrap) for the values [j, j + n), n <= W, in order: q
 // the column of value j (C >= W columns), wrap (std::true_type) when the
-// vector's lanes run past the last column. A head of `head` < W values (if
+// vector's lanes run past the last column; given a quad, quad(j, q) for
+// four full vectors within one row from j, where a row has them. A head of `head` < W values (if
 // any), full vectors, a shorter tail. Rows of whole vectors on vector
 // boundaries go row by row with nothing per row but its start (short rows
 // paid per-row work: 8x64x56x56, 4 vectors a row, inference -19% without).
-template <class A, class Step>
+template <class A, class Step, class Quad = std::nullptr_t>
 __attribute__((always_inline)) inline void walk_rows(int64_t count, int64_t c, int64_t head,
-                                                     Step step) {
+                                                     Step step, Quad quad = nullptr) {
   constexpr int64_t W = simd::vfloat<A>::size;
+  constexpr bool quads = !std::is_null_pointer_v<Quad>;
   const std::false_type within;
   const std::true_type wraps;
   if (head == 0 && c % W == 0) {
-    for (int64_t row = 0; row < count; row += c)
-      for (int64_t q = 0; q < c; q += W) step(row + q, W, q, within);
+    for (int64_t row = 0; row < count; row += c) {
+      int64_t q = 0;
+      if constexpr (quads)
+        for (; q + 4 * W <= c; q += 4 * W) quad(row + q, q);
+      for (; q < c; q += W) step(row + q, W, q, within);
+    }
     return;
   }
   int64_t j = std::min(head, count);
@@ -1258,7 +1306,10 @@ __attribute__((always_inline)) inline void walk_rows(int64_t count, int64_t c, i
   while (j + W <= count) {
     // The vectors within this row, then the one that runs into the next.
     const int64_t vectors = std::min((c - q) / W, (count - j) / W);
-    for (int64_t v = 0; v < vectors; ++v, j += W, q += W) step(j, W, q, within);
+    int64_t v = 0;
+    if constexpr (quads)
+      for (; v + 4 <= vectors; v += 4, j += 4 * W, q += 4 * W) quad(j, q);
+    for (; v < vectors; ++v, j += W, q += W) step(j, W, q, within);
     if (q == c) {
       q = 0;
     } else if (j + W <= count) {
@@ -1301,22 +1352,35 @@ __attribute__((noinline)) void normalize_rows(const float* x, float* y, region r
                                               const float* mean, const float* scale,
                                               const float* shift, relu_bits relu_out) {
   using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
   const bool whole = r.cols == r.stride;
   const int64_t count = whole ? r.rows * r.cols : r.cols;
   for (int64_t i = 0; i < (whole ? 1 : r.rows); ++i) {
     const int64_t at = i * r.stride;
     mask_writer<A, Relu> bits(relu_out.bits, relu_out.index + at);
-    walk_rows<A>(
-        count, r.cols,
-        head, [&](int64_t j, int64_t n, int64_t q, auto wrap) __attribute__((always_inline)) {
-          V v = madd(load_n<A>(x + at + j, n) - columns_at<A>(mean, q, r.cols, wrap),
-                     columns_at<A>(scale, q, r.cols, wrap), columns_at<A>(shift, q, r.cols, wrap));
-          if constexpr (Relu != relu_mode::none) {
-            v = relu_vec<A>(v);
-            bits.put(j, n, to_bits<A>(v > V(0.f)) & ((1u << n) - 1u));
-          }
-          store_n<A>(y + at + j, v, n, Stream);
-        });
+    auto value = [&](int64_t j, int64_t n, int64_t q, auto wrap) __attribute__((always_inline)) {
+      const V v =
+          madd(load_n<A>(x + at + j, n) - columns_at<A>(mean, q, r.cols, wrap),
+               columns_at<A>(scale, q, r.cols, wrap), columns_at<A>(shift, q, r.cols, wrap));
+      return Relu == relu_mode::none ? v : relu_vec<A>(v);
+    };
+    auto step = [&](int64_t j, int64_t n, int64_t q, auto wrap) __attribute__((always_inline)) {
+      const V v = value(j, n, q, wrap);
+      if constexpr (Relu != relu_mode::none)
+        bits.put(j, n, to_bits<A>(v > V(0.f)) & ((1u << n) - 1u));
+      store_n<A>(y + at + j, v, n, Stream);
+    };
+    if constexpr (mask_quads<A, Relu>) {
+      auto quad = [&](int64_t j, int64_t q) __attribute__((always_inline)) {
+        put_quad<A, Stream>(
+            y + at, j, bits, [&](int u) __attribute__((always_inline)) {
+              return value(j + u * W, W, q + u * W, std::false_type{});
+            });
+      };
+      walk_rows<A>(count, r.cols, head, step, quad);
+    } else {
+      walk_rows<A>(count, r.cols, head, step);
+    }
     bits.finish();
   }
   if (Stream) _mm_sfence();
