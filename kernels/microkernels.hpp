@@ -1519,6 +1519,19 @@ lane_sums<A> channel_sums(const float* x, const float* dy, region r, float mean,
   };
   for (int64_t i = 0; i < r.rows; ++i) {
     const int64_t at = i * r.stride;
+    if constexpr (W % 8 == 0) {
+      // A row from a mask byte (every row of planes of a multiple of 8
+      // values, the last or only one too): a vector's bits are its bytes.
+      if (relu_in.bits && (relu_in.index + at) % 8 == 0) {
+        row(at, [&](int64_t c, int64_t n) {
+          const int64_t index = relu_in.index + at + c;
+          const V g = load_n<A>(dy + at + c, n);
+          return n == W ? masked<A, relu_mode::bytes>(g, relu_in.bits, index, n)
+                        : masked<A>(g, relu_in.bits, index, n);
+        });
+        continue;
+      }
+    }
     if constexpr (W == 8) {
       // Row i + 1 is in the mask and its last bit is at least 8 bits past
       // the first of every word read here (the tail's too, rows being at
