@@ -1508,8 +1508,7 @@ lane_sums<A> channel_sums(const float* x, const float* dy, region r, float mean,
   const std::integral_constant<int, 0> first;
   const std::integral_constant<int, 1> second;
   // One row, dy's n values from c from dy_at(c, n) (n == W but in the tail).
-  auto row = [&](int64_t at, auto dy_at) {
-    int64_t c = 0;
+  auto row = [&](int64_t at, auto dy_at, int64_t c = 0) {
     for (; c + 2 * W <= body; c += 2 * W) {
       add(first, at + c, W, dy_at(c, W));
       add(second, at + c + W, W, dy_at(c + W, W));
@@ -1523,12 +1522,29 @@ lane_sums<A> channel_sums(const float* x, const float* dy, region r, float mean,
       // A row from a mask byte (every row of planes of a multiple of 8
       // values, the last or only one too): a vector's bits are its bytes.
       if (relu_in.bits && (relu_in.index + at) % 8 == 0) {
-        row(at, [&](int64_t c, int64_t n) {
-          const int64_t index = relu_in.index + at + c;
-          const V g = load_n<A>(dy + at + c, n);
-          return n == W ? masked<A, relu_mode::bytes>(g, relu_in.bits, index, n)
-                        : masked<A>(g, relu_in.bits, index, n);
-        });
+        const uint8_t* bits = relu_in.bits + (relu_in.index + at) / 8;
+        int64_t c = 0;
+        if constexpr (mask_quads<A, relu_mode::bytes>) {
+          for (; c + 4 * W <= body; c += 4 * W) {
+            const simd::quad_lanes<A> kept(bits + c / 8);
+            auto dy_at = [&](int u) {
+              return simd::keep_where<A>(kept[u], V::load_unaligned(dy + at + c + u * W));
+            };
+            add(first, at + c, W, dy_at(0));
+            add(second, at + c + W, W, dy_at(1));
+            add(first, at + c + 2 * W, W, dy_at(2));
+            add(second, at + c + 3 * W, W, dy_at(3));
+          }
+        }
+        row(
+            at,
+            [&](int64_t c, int64_t n) {
+              const int64_t index = relu_in.index + at + c;
+              const V g = load_n<A>(dy + at + c, n);
+              return n == W ? masked<A, relu_mode::bytes>(g, relu_in.bits, index, n)
+                            : masked<A>(g, relu_in.bits, index, n);
+            },
+            c);
         continue;
       }
     }
@@ -1882,13 +1898,16 @@ __attribute__((noinline)) void apply_run(const float* x, const float* dy, float*
                                          int64_t head, const float* mean, const float* a,
                                          const float* b, const float* c, relu_bits_in relu_in) {
   using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
   const float* const coef[4] = {mean, a, b, c};
+  auto out = [&](int64_t j, int64_t n, const V* k, V g) __attribute__((always_inline)) {
+    return x ? madd(k[1], g, madd(load_n<A>(x + j, n) - k[0], k[2], k[3])) : k[1] * g;
+  };
   auto step = [&](int64_t j, int64_t n, const V* k) __attribute__((always_inline)) {
     V g = load_n<A>(dy + j, n);
     if constexpr (Relu != relu_mode::none)
       g = masked<A, Relu>(g, relu_in.bits, relu_in.index + j, n);
-    const V out = x ? madd(k[1], g, madd(load_n<A>(x + j, n) - k[0], k[2], k[3])) : k[1] * g;
-    store_n<A>(dx + j, out, n, Stream);
+    store_n<A>(dx + j, out(j, n, k, g), n, Stream);
   };
   // Not with the mask: its bits at any index (relu_mode::bits) cost more
   // than the blends save (NCHW backward with ReLU, 8x256x14x14 +20%).
@@ -1896,7 +1915,19 @@ __attribute__((noinline)) void apply_run(const float* x, const float* dy, float*
     if (by_channel<A>(f.spatial, dx == dy)) return walk_channels<A, 4>(coef, f, step);
   }
   channel_walker<A, 4> walk(coef, f);
-  walk_vectors<A>(walk, f.count, head, step);
+  if constexpr (mask_quads<A, Relu>) {
+    auto quad = [&](int64_t j, const V* k) __attribute__((always_inline)) {
+      const simd::quad_lanes<A> kept(relu_in.bits + ((relu_in.index + j) >> 3));
+      for (int u = 0; u < 4; ++u) {
+        const int64_t at = j + u * W;
+        const V g = simd::keep_where<A>(kept[u], V::load_unaligned(dy + at));
+        simd::store<A>(dx + at, out(at, W, k, g), Stream);
+      }
+    };
+    walk_vectors<A>(walk, f.count, head, step, quad);
+  } else {
+    walk_vectors<A>(walk, f.count, head, step);
+  }
   if (Stream) _mm_sfence();
 }
 
