@@ -895,6 +895,12 @@ inline simd::vfloat<A> masked(simd::vfloat<A> g, const uint8_t* mask, int64_t in
   constexpr int W = static_cast<int>(V::size);
   if constexpr (W % 8 != 0) {  // SSE2: never bytes mode (whole_mask_bytes)
     bits = load_bits(mask, index, static_cast<int>(n));
+  } else if constexpr (W == 8 && Mode == relu_mode::bytes) {
+    if (n == W) {
+      opaque(g);
+      return simd::keep_where<A>(simd::lanes_of_byte<A>(mask + (index >> 3)), g);
+    }
+    bits = load_bits(mask, index, static_cast<int>(n));
   } else {
     if (n != W)
       bits = load_bits(mask, index, static_cast<int>(n));
