@@ -1194,7 +1194,7 @@ inline void store_n(float* p, simd::vfloat<A> v, int64_t n, bool stream) {
 // AVX-512, whose mask register gives a vector's 16 bits in one move to a
 // 2-byte store (not measured: this project's machine has no AVX-512).
 template <class A, relu_mode Relu>
-constexpr bool mask_quads = Relu == relu_mode::bytes&& simd::is_avx<A>;
+constexpr bool mask_quads = (Relu == relu_mode::bytes) && simd::is_avx<A>;
 
 // The output vectors of values [j, j + 4 W), value(u) the one from j + u W,
 // and their ReLU mask bits in one store (mask_quads).

@@ -323,36 +323,6 @@ inline uint32_t to_bits4(const vmask<A>* m) {
   return static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_permutevar8x32_epi32(bytes, order)));
 }
 
-// Bit k (k < 32) in lane k.
-alignas(32) constexpr int32_t kQuadBit[32] = {
-    1,       2,       4,       8,       16,      32,      64,      128,
-    1 << 8,  1 << 9,  1 << 10, 1 << 11, 1 << 12, 1 << 13, 1 << 14, 1 << 15,
-    1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 23,
-    1 << 24, 1 << 25, 1 << 26, 1 << 27, 1 << 28, 1 << 29, 1 << 30, INT32_MIN};
-
-// AVX2, the reverse of to_bits4: the 32 bits at p broadcast once, lane i of
-// vector u (0-3) set where bit 8u + i is; per vector an and and an integer
-// compare, where each vector's byte took a load, a move and a broadcast of
-// its own.
-template <class A>
-class quad_lanes {
-  static_assert(is_avx<A> && !is_avx512<A>, "AVX2");
-
- public:
-  explicit quad_lanes(const uint8_t* p) {
-    int32_t word;
-    std::memcpy(&word, p, 4);
-    word_ = _mm256_set1_epi32(word);
-  }
-  vmask<A> operator[](int u) const {
-    const __m256i bit = _mm256_load_si256(reinterpret_cast<const __m256i*>(kQuadBit + 8 * u));
-    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(word_, bit), bit));
-  }
-
- private:
-  __m256i word_;
-};
-
 // Makes v's value opaque to the compiler: whatever computed it stays
 // computed into a register, and is not folded into the instructions that use it.
 template <class A>
@@ -365,17 +335,22 @@ alignas(64) constexpr int32_t kLaneBit[16] = {1,   2,   4,    8,    16,   32,   
                                               256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
 
 // AVX and SSE2: the lanes i whose bit lane_bits[i] (one bit each) is set in
-// `bits`. An integer compare (the float compare of the lanes converted to
-// float took one more instruction per vector).
+// lane i of `words`. An integer compare (the float compare of the lanes
+// converted to float took one more instruction per vector).
 template <class A>
-inline vmask<A> lanes_with_bits(uint32_t bits, xsimd::batch<int32_t, A> lane_bits) {
+inline vmask<A> lanes_set(xsimd::batch<int32_t, A> words, xsimd::batch<int32_t, A> lane_bits) {
   static_assert(!is_avx512<A>, "AVX-512 takes its mask register from the bits");
-  const xsimd::batch<int32_t, A> set =
-      xsimd::batch<int32_t, A>(static_cast<int32_t>(bits)) & lane_bits;
+  const xsimd::batch<int32_t, A> set = words & lane_bits;
   if constexpr (is_avx<A>)
     return _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, lane_bits));
   else
     return _mm_castsi128_ps(_mm_cmpeq_epi32(set, lane_bits));
+}
+
+// The lanes i whose bit lane_bits[i] is set in `bits`.
+template <class A>
+inline vmask<A> lanes_with_bits(uint32_t bits, xsimd::batch<int32_t, A> lane_bits) {
+  return lanes_set<A>(xsimd::batch<int32_t, A>(static_cast<int32_t>(bits)), lane_bits);
 }
 
 // Bit i -> lane i of the mask.
@@ -395,10 +370,38 @@ inline vmask<A> from_bits(uint32_t bits) {
 template <class A>
 inline vmask<A> lanes_of_byte(const uint8_t* p) {
   static_assert(is_avx<A> && !is_avx512<A>, "AVX2");
-  const __m256i byte = _mm256_set1_epi8(static_cast<char>(*p));
-  const __m256i bit = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneBit));
-  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(byte, bit), bit));
+  return lanes_set<A>(_mm256_set1_epi8(static_cast<char>(*p)),
+                      xsimd::batch<int32_t, A>::load_aligned(kLaneBit));
 }
+
+// Bit k (k < 32) in lane k.
+alignas(32) constexpr int32_t kQuadBit[32] = {
+    1,       2,       4,       8,       16,      32,      64,      128,
+    1 << 8,  1 << 9,  1 << 10, 1 << 11, 1 << 12, 1 << 13, 1 << 14, 1 << 15,
+    1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 23,
+    1 << 24, 1 << 25, 1 << 26, 1 << 27, 1 << 28, 1 << 29, 1 << 30, INT32_MIN};
+
+// AVX2, the reverse of to_bits4: the 32 bits at p broadcast once, lane i of
+// vector u (0-3) set where bit 8u + i is; per vector an and and an integer
+// compare, where each vector's byte took a load, a move and a broadcast of
+// its own.
+template <class A>
+class quad_lanes {
+  static_assert(is_avx<A> && !is_avx512<A>, "AVX2");
+
+ public:
+  explicit quad_lanes(const uint8_t* p) {
+    int32_t word;
+    std::memcpy(&word, p, 4);
+    word_ = xsimd::batch<int32_t, A>(word);
+  }
+  vmask<A> operator[](int u) const {
+    return lanes_set<A>(word_, xsimd::batch<int32_t, A>::load_aligned(kQuadBit + 8 * u));
+  }
+
+ private:
+  xsimd::batch<int32_t, A> word_;
+};
 
 // k <= 16 mask bits starting at bit `pos`. Reads only the bytes that hold them.
 inline uint32_t load_bits(const uint8_t* mask, int64_t pos, int k) {
