@@ -2172,6 +2172,13 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   float* aligned_mean = coef.get() + 2 * p.c;  // as normalize_op, written channel range by range
   const normalize_args args{x,    y,         aligned_mean, scale,
                             shift, relu, relu_mask, stream_for(2 * total * static_cast<int64_t>(sizeof(float)))};
+  // Channels [c0, c1) of `moments` finished: their mean and var, then the
+  // normalize's coefficients (each path below, on its own channel ranges).
+  auto finish_channels = [&](const partial* moments, int64_t c0, int64_t c1) {
+    k.finish(moments + c0, c1 - c0, mean + c0, var + c0);
+    scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
+    std::copy(mean + c0, mean + c1, aligned_mean + c0);
+  };
   // NCHW channel blocks whose x stays in the cache between its moments and
   // its normalize (nchw_blocks), as the backward's; each channel's moments
   // those of its one slice, as in the phases. With ReLU only when every
@@ -2190,9 +2197,7 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
         if (ch == 0) around[c] = std::numeric_limits<float>::quiet_NaN();
         nchw_chunk_moments(k, p, x + c * p.spatial, ch, acc, &around[c]);
       });
-      k.finish(channel.get() + c0, c1 - c0, mean + c0, var + c0);
-      scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
-      std::copy(mean + c0, mean + c1, aligned_mean + c0);
+      finish_channels(channel.get(), c0, c1);
       block_pass(p, cached, b, {x},
                  [&](int64_t at, int64_t count) { normalize_run(k, p, args, at, count); });
     });
@@ -2211,9 +2216,7 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
     const bool ok = moments_phase(k, p, x, nt, channel.get(), [&](const team& tm) {
       const item_range r = channels_of(p, tm.t, tm.threads);
       const int64_t c0 = r.begin, c1 = r.end;
-      k.finish(channel.get() + c0, c1 - c0, mean + c0, var + c0);
-      scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
-      std::copy(mean + c0, mean + c1, aligned_mean + c0);
+      finish_channels(channel.get(), c0, c1);
       tm.barrier();
       normalize_share(k, p, args, tm.t, tm.threads, true);
     });
@@ -2228,9 +2231,7 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   parallel_for(nt, blocks, [&](int64_t b) {
     const int64_t c0 = b * block, c1 = std::min(p.c, c0 + block);
     const partial* total = scratch.reduce(k, x, c0, c1);
-    k.finish(total + c0, c1 - c0, mean + c0, var + c0);
-    scale_shift(k, gamma, beta, var, eps, c0, c1, scale, shift);
-    std::copy(mean + c0, mean + c1, aligned_mean + c0);
+    finish_channels(total, c0, c1);
     k.normalize_nhwc(x + c0, y + c0, {p.rows, c1 - c0, p.c}, aligned_mean + c0, scale + c0,
                      shift + c0, {relu, relu_mask, c0}, args.stream);
   });
