@@ -8,6 +8,7 @@
 // the slices in order into the channel's result. Threads only decide who
 // computes which chunk, never the order of the arithmetic, so every output is
 // bitwise the same for any thread count and any run (for one instruction set).
+#include <immintrin.h>
 #include <omp.h>
 #include <unistd.h>
 
@@ -526,6 +527,15 @@ struct team {
   }
 };
 
+// The elementwise kernels' streaming stores are weakly ordered and left
+// unfenced (kernel_table.hpp): each thread fences them once, when its body
+// is done, before the caller or the region's end can read y or dx. Until
+// session 26 every kernel call fenced its own, and an sfence waits for the
+// thread's stores to reach memory: NCHW training blocks call the normalize
+// once per image's part of a block (3 KiB at 32x512x28x28), and fenced
+// there they took 13-22% longer (bnorm_ab, both orders twice).
+void fence_streaming_stores() { _mm_sfence(); }
+
 // Runs body(team) on up to nt threads. One thread runs it here, outside
 // OpenMP: libgomp ends even a team of one (`parallel if (false)`) with a
 // barrier whose futex call (above) made the four regions and barriers of
@@ -536,10 +546,14 @@ void run_threads(int nt, Body&& body) {
   spin_barrier sync;
   if (nt <= 1) {
     body(team{0, 1, &sync});
+    fence_streaming_stores();
     return;
   }
 #pragma omp parallel num_threads(nt)
-  body(team{omp_get_thread_num(), omp_get_num_threads(), &sync});
+  {
+    body(team{omp_get_thread_num(), omp_get_num_threads(), &sync});
+    fence_streaming_stores();
+  }
 }
 
 // Runs f(i) for i in [0, n) on up to nt threads, each thread an even,

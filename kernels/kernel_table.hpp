@@ -155,7 +155,8 @@ struct kernel_table {
 
   // y = (x - mean) * scale + shift, then max(y, 0) and mask bits if ReLU.
   // stream: non-temporal stores where y is vector-aligned (the elementwise
-  // kernels give the same bits either way). NCHW: x and y point at the run's
+  // kernels give the same bits either way), left unfenced: the caller fences
+  // them once its thread's share is done (run_threads). NCHW: x and y point at the run's
   // first value; mean, scale and shift are indexed by channel.
   void (*normalize_nchw)(const float* x, float* y, flat_run f, const float* mean,
                          const float* scale, const float* shift, relu_bits relu, bool stream);

@@ -1249,7 +1249,6 @@ __attribute__((noinline)) void normalize_run(const float* x, float* y, flat_run 
     walk_vectors<A>(walk, f.count, head, step);
   }
   bits.finish();
-  if (Stream) _mm_sfence();
 }
 
 template <class A>
@@ -1389,7 +1388,6 @@ __attribute__((noinline)) void normalize_rows(const float* x, float* y, region r
     }
     bits.finish();
   }
-  if (Stream) _mm_sfence();
 }
 
 // NHWC: whole rows as one run, column blocks (cols < stride) as one run per
@@ -1934,7 +1932,6 @@ __attribute__((noinline)) void apply_run(const float* x, const float* dy, float*
   } else {
     walk_vectors<A>(walk, f.count, head, step);
   }
-  if (Stream) _mm_sfence();
 }
 
 template <class A>
@@ -1973,7 +1970,6 @@ __attribute__((noinline)) void apply_rows(const float* x, const float* dy, float
           store_n<A>(dx + at + j, madd(columns_at<A>(a, q, r.cols, wrap), g, rest), n, Stream);
         });
   }
-  if (Stream) _mm_sfence();
 }
 
 // With ordinary stores, no ReLU mask and batch statistics, rows of whole
