@@ -1859,6 +1859,10 @@ bool few_rows(const plan& p, int nt) {
 struct channel_blocks {
   int64_t c = 0, unit = 1, units = 0, count = 0;
   int64_t begin(int64_t b) const { return std::min(c, b * units / count * unit); }
+  // Whether every image's part of every block starts on a byte of the ReLU
+  // mask: then no two threads write one byte, and the kernels write whole
+  // bytes (relu_mode::bytes).
+  bool on_mask_bytes(const plan& p) const { return p.stride % 8 == 0 && unit * p.spatial % 8 == 0; }
 };
 
 channel_blocks nchw_blocks(const kernel_table& k, const plan& p, int nt, int arrays) {
@@ -1866,9 +1870,19 @@ channel_blocks nchw_blocks(const kernel_table& k, const plan& p, int nt, int arr
   // (nchw_plane_sums): blocks of a few channels read runs of a few KiB, and
   // the backward of 32x1024x14x14 (5 channels a block) took 2497 us against
   // 1943 in phases, 32x2048x7x7 1253 against 996 (bnorm_ab, session 17);
-  // the forward training of 32x1024x14x14 +20..+33% (session 24).
-  if (p.nhwc || short_planes(p, kPlaneSumsRows) || (nt > 1 && p.c < 4 * nt) ||
-      (arrays == 1 && !nchw_one_slice(p)))
+  // the forward training of 32x1024x14x14 +20..+33% (session 24), its
+  // blocks reduced chunk by chunk (a plane a chunk). The forward training
+  // of short planes that the phases reduce by the plane walk
+  // (kPlaneMomentsRows) takes blocks of whole vector groups, each reduced by
+  // that walk (the phases' bits), of an eighth of a thread's share of the
+  // L3, since session 26: bnorm_ab, both orders twice, 128x1024x14x14
+  // -18..-24%, 128x2048x7x7 -10..-15%, 128x256x14x14 -8..-22%,
+  // 128x512x7x7 (12.8 MB) -7..+7%. (Blocks of 400 KB-1.6 MB measured
+  // -6..-20% in one process; those of a quarter of L2 are under kMinRunBytes
+  // an image at 7x7.)
+  const bool planes = arrays == 1 && short_planes(p, kPlaneMomentsRows);
+  if (p.nhwc || (short_planes(p, kPlaneSumsRows) && !planes) || (nt > 1 && p.c < 4 * nt) ||
+      (arrays == 1 && !nchw_one_slice(p) && !planes))
     return {};
   if (!exceeds_cache(p, arrays + 1)) return {};
   const int64_t per_channel = p.count * static_cast<int64_t>(sizeof(float)) * arrays;
@@ -1884,13 +1898,13 @@ channel_blocks nchw_blocks(const kernel_table& k, const plan& p, int nt, int arr
   // blocks of half a share where a quarter fits more channels measured
   // +3..+17% (session 24). Larger channels (the backward of
   // 128x64x112x112, 12.5 MiB of x and dy) take the phases.
-  int64_t fit = l2_bytes() / 4 / per_channel;
+  int64_t fit = planes ? cache_bytes() / (8 * nt) / per_channel : l2_bytes() / 4 / per_channel;
   if (fit == 0) fit = cache_bytes() / (4 * nt) / per_channel;
   if (fit == 0 && per_channel <= cache_bytes() / (2 * nt)) fit = 1;
   if (fit == 0) return {};
   channel_blocks b;
   b.c = p.c;
-  b.unit = grouped(p) ? k.width : 1;
+  b.unit = grouped(p) || planes ? k.width : 1;
   b.units = (p.c + b.unit - 1) / b.unit;
   const int64_t most = std::max<int64_t>(1, std::min(fit, p.c / (4 * nt)) / b.unit);
   b.count = std::min(b.units, ((b.units + most - 1) / most + nt - 1) / nt * nt);
@@ -2195,25 +2209,34 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
   };
   // NCHW channel blocks whose x stays in the cache between its moments and
   // its normalize (nchw_blocks), as the backward's; each channel's moments
-  // those of its one slice, as in the phases. With ReLU only when every
-  // image's part of a block starts on a byte of the mask (no two threads
-  // write one byte).
-  const channel_blocks cached =
-      p.nhwc || (relu && p.spatial % 8 != 0) ? channel_blocks{} : nchw_blocks(k, p, nt, 1);
+  // those of its one slice (or the plane walk's), as in the phases. With
+  // ReLU only when every image's part of a block starts on a byte of the
+  // mask (7x7 and 14x14 in blocks of 8 channels do).
+  channel_blocks cached = p.nhwc ? channel_blocks{} : nchw_blocks(k, p, nt, 1);
+  if (relu && !cached.on_mask_bytes(p)) cached = {};
   if (cached.count > 0) {
     auto channel = allocate<partial>(p.c);
     auto around = allocate<float>(p.c);
-    if (!channel || !around) return out_of_memory(fn, p.c);
-    parallel_for(nt, cached.count, [&](int64_t b) {
-      const int64_t c0 = cached.begin(b), c1 = cached.begin(b + 1);
-      // As the phases reduce a thread's channels.
-      chunk_rows(p, c0, c1, channel.get(), [&](int64_t c, int64_t ch, partial& acc) {
-        if (ch == 0) around[c] = std::numeric_limits<float>::quiet_NaN();
-        nchw_chunk_moments(k, p, x + c * p.spatial, ch, acc, &around[c]);
-      });
-      finish_channels(channel.get(), c0, c1);
-      block_pass(p, cached, b, {x},
-                 [&](int64_t at, int64_t count) { normalize_run(k, p, args, at, count); });
+    plane_scratch planes;
+    const bool walk = short_planes(p, kPlaneMomentsRows);  // as moments_phase
+    if (!channel || !around || (walk && !planes.allocate_for(p, nt))) return out_of_memory(fn, p.c);
+    run_threads(nt, [&](const team& tm) {
+      const item_range r = share_of(cached.count, tm.t, tm.threads);
+      for (int64_t b = r.begin; b < r.end; ++b) {
+        const int64_t c0 = cached.begin(b), c1 = cached.begin(b + 1);
+        // As the phases reduce a thread's channels.
+        if (walk) {
+          nchw_plane_moments(k, p, x, planes, tm.t, c0, c1, channel.get());
+        } else {
+          chunk_rows(p, c0, c1, channel.get(), [&](int64_t c, int64_t ch, partial& acc) {
+            if (ch == 0) around[c] = std::numeric_limits<float>::quiet_NaN();
+            nchw_chunk_moments(k, p, x + c * p.spatial, ch, acc, &around[c]);
+          });
+        }
+        finish_channels(channel.get(), c0, c1);
+        block_pass(p, cached, b, {x},
+                   [&](int64_t at, int64_t count) { normalize_run(k, p, args, at, count); });
+      }
     });
     return succeed();
   }
