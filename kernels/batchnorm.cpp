@@ -1871,16 +1871,20 @@ channel_blocks nchw_blocks(const kernel_table& k, const plan& p, int nt, int arr
   // the backward of 32x1024x14x14 (5 channels a block) took 2497 us against
   // 1943 in phases, 32x2048x7x7 1253 against 996 (bnorm_ab, session 17);
   // the forward training of 32x1024x14x14 +20..+33% (session 24), its
-  // blocks reduced chunk by chunk (a plane a chunk). The forward training
-  // of short planes that the phases reduce by the plane walk
-  // (kPlaneMomentsRows) takes blocks of whole vector groups, each reduced by
-  // that walk (the phases' bits), of an eighth of a thread's share of the
-  // L3, since session 26: bnorm_ab, both orders twice, 128x1024x14x14
-  // -18..-24%, 128x2048x7x7 -10..-15%, 128x256x14x14 -8..-22%,
-  // 128x512x7x7 (12.8 MB) -7..+7%. (Blocks of 400 KB-1.6 MB measured
-  // -6..-20% in one process; those of a quarter of L2 are under kMinRunBytes
-  // an image at 7x7.)
-  const bool planes = arrays == 1 && short_planes(p, kPlaneMomentsRows);
+  // blocks reduced chunk by chunk (a plane a chunk), each normalize call
+  // then fenced (run_threads). Since session 26 short planes that the
+  // phases reduce by the plane walk (kPlaneMomentsRows images for the
+  // moments, kPlaneSumsRows for the backward sums) take blocks of whole
+  // vector groups, each reduced by that walk (the phases' bits), of an
+  // eighth of a thread's share of the L3. bnorm_ab, both orders twice:
+  // forward training 128x1024x14x14 -18..-24%, 128x2048x7x7 -10..-15%,
+  // 128x256x14x14 -8..-22%, 128x512x7x7 (12.8 MB) -7..+7%; backward
+  // 128x2048x7x7 -21..-27%, 128x1024x14x14 -16..-30%, 32x1024x14x14
+  // -17..-19%, 128x256x14x14 -3..-28%, 128x512x7x7 -3..-17%, 32x2048x7x7
+  // -16..+4%; with ReLU alike. (Blocks of 400 KB-1.6 MB measured -6..-20%
+  // in one process; those of a quarter of L2 are under kMinRunBytes an
+  // image at 7x7.)
+  const bool planes = short_planes(p, arrays == 1 ? kPlaneMomentsRows : kPlaneSumsRows);
   if (p.nhwc || (short_planes(p, kPlaneSumsRows) && !planes) || (nt > 1 && p.c < 4 * nt) ||
       (arrays == 1 && !nchw_one_slice(p) && !planes))
     return {};
@@ -2555,24 +2559,32 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   }
 
   std::copy(mean, mean + p.c, aligned_mean);
-  parallel_for(nt, blocks.count, [&](int64_t b) {
-    const int64_t c0 = blocks.begin(b), c1 = blocks.begin(b + 1);
-    k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
-    // The block's sums (its own channels: no other thread's), then their
-    // coefficients a vector of channels at a time.
-    if (need_sums && nchw_one_slice(p)) {  // as the phases and the training's blocks
-      chunk_rows(p, c0, c1, channel.get(), [&](int64_t c, int64_t ch, sums& acc) {
-        nchw_chunk_sums(k, p, x, dy, c, mean[c], mask, ch, acc);
-      });
-    } else if (need_sums) {
-      nchw_sums(k, p, x, dy, mean, mask, c0, c1, false,
-                [&](int64_t c, const sums& acc) { channel[c] = acc; });
-    } else {
-      std::fill(channel.get() + c0, channel.get() + c1, sums{0, 0});
+  plane_scratch planes;
+  const bool walk = short_planes(p, kPlaneSumsRows);  // as sums_phase
+  if (walk && !planes.allocate_for(p, nt)) return out_of_memory(fn, p.c);
+  run_threads(nt, [&](const team& tm) {
+    const item_range r = share_of(blocks.count, tm.t, tm.threads);
+    for (int64_t b = r.begin; b < r.end; ++b) {
+      const int64_t c0 = blocks.begin(b), c1 = blocks.begin(b + 1);
+      k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
+      // The block's sums (its own channels: no other thread's), then their
+      // coefficients a vector of channels at a time.
+      if (need_sums && walk) {
+        nchw_plane_sums(k, p, x, dy, mean, mask, planes, tm.t, c0, c1, channel.get());
+      } else if (need_sums && nchw_one_slice(p)) {  // as the phases and the training's blocks
+        chunk_rows(p, c0, c1, channel.get(), [&](int64_t c, int64_t ch, sums& acc) {
+          nchw_chunk_sums(k, p, x, dy, c, mean[c], mask, ch, acc);
+        });
+      } else if (need_sums) {
+        nchw_sums(k, p, x, dy, mean, mask, c0, c1, false,
+                  [&](int64_t c, const sums& acc) { channel[c] = acc; });
+      } else {
+        std::fill(channel.get() + c0, channel.get() + c1, sums{0, 0});
+      }
+      coefficients.finish(c0, c1, channel.get(), dgamma, dbeta);
+      block_pass(p, blocks, b, {x, dy},
+                 [&](int64_t at, int64_t count) { apply_run(k, p, args, at, count); });
     }
-    coefficients.finish(c0, c1, channel.get(), dgamma, dbeta);
-    block_pass(p, blocks, b, {x, dy},
-               [&](int64_t at, int64_t count) { apply_run(k, p, args, at, count); });
   });
   return succeed();
 }

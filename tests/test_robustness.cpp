@@ -697,9 +697,9 @@ void for_shapes_and_threads(const std::vector<TestShape>& shapes, uint64_t seed,
 // from the L3, and so does the forward training of 2x64x20000 (one slice, 160 KB of x a
 // channel; 10 MB with 1.5 MB blocks). NCHW 16x70x4 runs as an NHWC tensor (fold's spread) in every
 // entry point; the backward of 4x2500 and 30x2048 (few rows) in column blocks of 1024 (few_rows).
-// The forward training of 64x64x196 (short planes reduced by the plane walk) takes blocks of 8
-// channels in the small_cache run, with ReLU too (each image's part of a block starts on a mask
-// byte), and 66x68x196 blocks that end on the last channel (68 is not a multiple of 8).
+// The forward training and backward of 64x64x196 (short planes reduced by the plane walk) take
+// blocks of 8 channels in the small_cache run, with ReLU too (each image's part of a block starts
+// on a mask byte), and 66x68x196 blocks that end on the last channel (68 is not a multiple of 8).
 TEST(Robustness, OperatorsAreBitwiseTheirSplitPhases) {
   const std::vector<TestShape> shapes = {
       {4, 64, 1024}, {3, 5, 33},     {1, 300, 49},  {3, 130, 200},  {2, 70, 1500}, {600, 77, 1},
