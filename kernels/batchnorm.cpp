@@ -557,12 +557,18 @@ void run_threads(int nt, Body&& body) {
 }
 
 // Runs f(i) for i in [0, n) on up to nt threads, each thread an even,
-// contiguous share (as `omp parallel for schedule(static)`).
+// contiguous share (as `omp parallel for schedule(static)`); f(i, t) where
+// f also takes the thread's index t (for per-thread scratch).
 template <class F>
 void parallel_for(int nt, int64_t n, F f) {
   run_threads(nt, [&](const team& tm) {
     const item_range r = share_of(n, tm.t, tm.threads);
-    for (int64_t i = r.begin; i < r.end; ++i) f(i);
+    for (int64_t i = r.begin; i < r.end; ++i) {
+      if constexpr (std::is_invocable_v<F&, int64_t, int>)
+        f(i, tm.t);
+      else
+        f(i);
+    }
   });
 }
 
@@ -2224,23 +2230,20 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
     plane_scratch planes;
     const bool walk = short_planes(p, kPlaneMomentsRows);  // as moments_phase
     if (!channel || !around || (walk && !planes.allocate_for(p, nt))) return out_of_memory(fn, p.c);
-    run_threads(nt, [&](const team& tm) {
-      const item_range r = share_of(cached.count, tm.t, tm.threads);
-      for (int64_t b = r.begin; b < r.end; ++b) {
-        const int64_t c0 = cached.begin(b), c1 = cached.begin(b + 1);
-        // As the phases reduce a thread's channels.
-        if (walk) {
-          nchw_plane_moments(k, p, x, planes, tm.t, c0, c1, channel.get());
-        } else {
-          chunk_rows(p, c0, c1, channel.get(), [&](int64_t c, int64_t ch, partial& acc) {
-            if (ch == 0) around[c] = std::numeric_limits<float>::quiet_NaN();
-            nchw_chunk_moments(k, p, x + c * p.spatial, ch, acc, &around[c]);
-          });
-        }
-        finish_channels(channel.get(), c0, c1);
-        block_pass(p, cached, b, {x},
-                   [&](int64_t at, int64_t count) { normalize_run(k, p, args, at, count); });
+    parallel_for(nt, cached.count, [&](int64_t b, int t) {
+      const int64_t c0 = cached.begin(b), c1 = cached.begin(b + 1);
+      // As the phases reduce a thread's channels.
+      if (walk) {
+        nchw_plane_moments(k, p, x, planes, t, c0, c1, channel.get());
+      } else {
+        chunk_rows(p, c0, c1, channel.get(), [&](int64_t c, int64_t ch, partial& acc) {
+          if (ch == 0) around[c] = std::numeric_limits<float>::quiet_NaN();
+          nchw_chunk_moments(k, p, x + c * p.spatial, ch, acc, &around[c]);
+        });
       }
+      finish_channels(channel.get(), c0, c1);
+      block_pass(p, cached, b, {x},
+                 [&](int64_t at, int64_t count) { normalize_run(k, p, args, at, count); });
     });
     return succeed();
   }
@@ -2562,29 +2565,26 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
   plane_scratch planes;
   const bool walk = short_planes(p, kPlaneSumsRows);  // as sums_phase
   if (walk && !planes.allocate_for(p, nt)) return out_of_memory(fn, p.c);
-  run_threads(nt, [&](const team& tm) {
-    const item_range r = share_of(blocks.count, tm.t, tm.threads);
-    for (int64_t b = r.begin; b < r.end; ++b) {
-      const int64_t c0 = blocks.begin(b), c1 = blocks.begin(b + 1);
-      k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
-      // The block's sums (its own channels: no other thread's), then their
-      // coefficients a vector of channels at a time.
-      if (need_sums && walk) {
-        nchw_plane_sums(k, p, x, dy, mean, mask, planes, tm.t, c0, c1, channel.get());
-      } else if (need_sums && nchw_one_slice(p)) {  // as the phases and the training's blocks
-        chunk_rows(p, c0, c1, channel.get(), [&](int64_t c, int64_t ch, sums& acc) {
-          nchw_chunk_sums(k, p, x, dy, c, mean[c], mask, ch, acc);
-        });
-      } else if (need_sums) {
-        nchw_sums(k, p, x, dy, mean, mask, c0, c1, false,
-                  [&](int64_t c, const sums& acc) { channel[c] = acc; });
-      } else {
-        std::fill(channel.get() + c0, channel.get() + c1, sums{0, 0});
-      }
-      coefficients.finish(c0, c1, channel.get(), dgamma, dbeta);
-      block_pass(p, blocks, b, {x, dy},
-                 [&](int64_t at, int64_t count) { apply_run(k, p, args, at, count); });
+  parallel_for(nt, blocks.count, [&](int64_t b, int t) {
+    const int64_t c0 = blocks.begin(b), c1 = blocks.begin(b + 1);
+    k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
+    // The block's sums (its own channels: no other thread's), then their
+    // coefficients a vector of channels at a time.
+    if (need_sums && walk) {
+      nchw_plane_sums(k, p, x, dy, mean, mask, planes, t, c0, c1, channel.get());
+    } else if (need_sums && nchw_one_slice(p)) {  // as the phases and the training's blocks
+      chunk_rows(p, c0, c1, channel.get(), [&](int64_t c, int64_t ch, sums& acc) {
+        nchw_chunk_sums(k, p, x, dy, c, mean[c], mask, ch, acc);
+      });
+    } else if (need_sums) {
+      nchw_sums(k, p, x, dy, mean, mask, c0, c1, false,
+                [&](int64_t c, const sums& acc) { channel[c] = acc; });
+    } else {
+      std::fill(channel.get() + c0, channel.get() + c1, sums{0, 0});
     }
+    coefficients.finish(c0, c1, channel.get(), dgamma, dbeta);
+    block_pass(p, blocks, b, {x, dy},
+               [&](int64_t at, int64_t count) { apply_run(k, p, args, at, count); });
   });
   return succeed();
 }
