@@ -1864,6 +1864,7 @@ bool few_rows(const plan& p, int nt) {
 // sums go the same way since (-0..-10%, 32x256x56x56 +3..+5%).
 struct channel_blocks {
   int64_t c = 0, unit = 1, units = 0, count = 0;
+  bool planes = false;  // short planes, reduced by the plane walk as the phases do
   int64_t begin(int64_t b) const { return std::min(c, b * units / count * unit); }
   // Whether every image's part of every block starts on a byte of the ReLU
   // mask: then no two threads write one byte, and the kernels write whole
@@ -1890,6 +1891,7 @@ channel_blocks nchw_blocks(const kernel_table& k, const plan& p, int nt, int arr
   // -16..+4%; with ReLU alike. (Blocks of 400 KB-1.6 MB measured -6..-20%
   // in one process; those of a quarter of L2 are under kMinRunBytes an
   // image at 7x7.)
+  // As moments_phase (x) and sums_phase (x, dy) choose the plane walk.
   const bool planes = short_planes(p, arrays == 1 ? kPlaneMomentsRows : kPlaneSumsRows);
   if (p.nhwc || (short_planes(p, kPlaneSumsRows) && !planes) || (nt > 1 && p.c < 4 * nt) ||
       (arrays == 1 && !nchw_one_slice(p) && !planes))
@@ -1914,6 +1916,7 @@ channel_blocks nchw_blocks(const kernel_table& k, const plan& p, int nt, int arr
   if (fit == 0) return {};
   channel_blocks b;
   b.c = p.c;
+  b.planes = planes;
   b.unit = grouped(p) || planes ? k.width : 1;
   b.units = (p.c + b.unit - 1) / b.unit;
   const int64_t most = std::max<int64_t>(1, std::min(fit, p.c / (4 * nt)) / b.unit);
@@ -2228,12 +2231,12 @@ bnorm_status bnorm_forward_training(const bnorm_shape* shape, float eps, unsigne
     auto channel = allocate<partial>(p.c);
     auto around = allocate<float>(p.c);
     plane_scratch planes;
-    const bool walk = short_planes(p, kPlaneMomentsRows);  // as moments_phase
-    if (!channel || !around || (walk && !planes.allocate_for(p, nt))) return out_of_memory(fn, p.c);
+    if (!channel || !around || (cached.planes && !planes.allocate_for(p, nt)))
+      return out_of_memory(fn, p.c);
     parallel_for(nt, cached.count, [&](int64_t b, int t) {
       const int64_t c0 = cached.begin(b), c1 = cached.begin(b + 1);
       // As the phases reduce a thread's channels.
-      if (walk) {
+      if (cached.planes) {
         nchw_plane_moments(k, p, x, planes, t, c0, c1, channel.get());
       } else {
         chunk_rows(p, c0, c1, channel.get(), [&](int64_t c, int64_t ch, partial& acc) {
@@ -2563,14 +2566,13 @@ bnorm_status bnorm_backward(const bnorm_shape* shape, float eps, unsigned flags,
 
   std::copy(mean, mean + p.c, aligned_mean);
   plane_scratch planes;
-  const bool walk = short_planes(p, kPlaneSumsRows);  // as sums_phase
-  if (walk && !planes.allocate_for(p, nt)) return out_of_memory(fn, p.c);
+  if (blocks.planes && !planes.allocate_for(p, nt)) return out_of_memory(fn, p.c);
   parallel_for(nt, blocks.count, [&](int64_t b, int t) {
     const int64_t c0 = blocks.begin(b), c1 = blocks.begin(b + 1);
     k.invstd(var + c0, eps, c1 - c0, invstd.get() + c0);
     // The block's sums (its own channels: no other thread's), then their
     // coefficients a vector of channels at a time.
-    if (need_sums && walk) {
+    if (need_sums && blocks.planes) {
       nchw_plane_sums(k, p, x, dy, mean, mask, planes, t, c0, c1, channel.get());
     } else if (need_sums && nchw_one_slice(p)) {  // as the phases and the training's blocks
       chunk_rows(p, c0, c1, channel.get(), [&](int64_t c, int64_t ch, sums& acc) {
