@@ -1708,14 +1708,44 @@ void backward_reduce_nchw(const float* x, const float* dy, region r, float mean,
     backward_reduce_double<A>(x, dy, r, mean, relu_in, sum_dy, sum_dy_xmu);
 }
 
-// NCHW channels with few values, W at a time, as moments_nchw_group.
-// Without the mask, four channels at a time (group_vectors), one pair of
-// accumulators each: the loop's set-up once per four channels, where
-// channel_sums took 173 instructions a channel of 1x512x7x7 (callgrind;
-// 100 this way). bnorm_ab, Zen 3, both orders twice: backward 1x512x7x7
-// -27..-31%, 1x2048x7x7 -24..-29%, 8x512x7x7 -17..-20%, 8x2048x7x7
-// -17..-21%, 1x256x14x14 -5..-13%, 8x256x14x14 -10..-16%; 1x128x28x28
-// and 1x512x28x28 -9..+4%.
+// dy[0, n) where the mask bits from `index` are set, 0 elsewhere, to out: a
+// head up to a mask byte, then whole vectors whose bits are whole bytes
+// (SSE2: every vector's bits from any bit, masked()).
+template <class A>
+void keep_masked(const float* dy, const uint8_t* bits, int64_t index, int64_t n, float* out) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  int64_t j = 0;
+  if constexpr (W % 8 == 0) {
+    j = std::min(n, (8 - index % 8) % 8);
+    if (j > 0) simd::store_first<A>(out, masked<A>(simd::load_first<A>(dy, j), bits, index, j), j);
+  }
+  if constexpr (mask_quads<A, relu_mode::bytes>) {
+    for (; j + 4 * W <= n; j += 4 * W) {
+      const simd::quad_lanes<A> kept(bits + (index + j) / 8);
+      for (int u = 0; u < 4; ++u)
+        simd::keep_where<A>(kept[u], V::load_unaligned(dy + j + u * W))
+            .store_unaligned(out + j + u * W);
+    }
+  }
+  for (; j < n; j += W) {
+    const int64_t k = std::min(W, n - j);
+    store_n<A>(out + j, masked<A, relu_mode::bytes>(load_n<A>(dy + j, k), bits, index + j, k), k,
+               false);
+  }
+}
+
+// NCHW channels with few values, W at a time, as moments_nchw_group: four
+// channels at a time (group_vectors), one pair of accumulators each, the
+// loop's set-up once per four channels, where channel_sums took 173
+// instructions a channel of 1x512x7x7 (callgrind; 100 this way). bnorm_ab,
+// Zen 3, both orders twice: backward 1x512x7x7 -27..-31%, 1x2048x7x7
+// -24..-29%, 8x512x7x7 -17..-20%, 8x2048x7x7 -17..-21%, 1x256x14x14
+// -5..-13%, 8x256x14x14 -10..-16%; 1x128x28x28 and 1x512x28x28 -9..+4%.
+// With the mask, image by image where the group's part of an image (W
+// planes) fits kKeptValues: its dy kept where the bits are set first
+// (keep_masked, in memory order from a mask byte on).
+constexpr int64_t kKeptValues = 2048;
 
 template <class A>
 void backward_reduce_nchw_group(const float* x, const float* dy, region r, int64_t channels,
@@ -1725,18 +1755,21 @@ void backward_reduce_nchw_group(const float* x, const float* dy, region r, int64
   constexpr int64_t W = V::size;
   V part0[W], part1[W];
   for (int64_t j = 0; j < W; ++j) part0[j] = part1[j] = V(0.f);
-  if (!relu_in.bits) {
+  // Adds to part0, part1 the sums over region rr of the group's channels,
+  // x from xr, dy from dyr (channel j at j * channel_stride in both).
+  auto add_sums = [&](region rr, const float* xr, const float* dyr) {
     in_channel_quads(channels, [&](int64_t j0, auto quad) {
       constexpr int Q = decltype(quad)::value;
-      const float* const gx = x + j0 * channel_stride;
-      const float* const gdy = dy + j0 * channel_stride;
+      const float* const gx = xr + j0 * channel_stride;
+      const float* const gdy = dyr + j0 * channel_stride;
       V m[Q], s0[Q], s1[Q];
       for (int q = 0; q < Q; ++q) {
         m[q] = V(mean[j0 + q]);
-        s0[q] = s1[q] = V(0.f);
+        s0[q] = part0[j0 + q];
+        s1[q] = part1[j0 + q];
       }
       group_vectors<A, Q>(
-          r, [&](int q, int64_t at, auto n) __attribute__((always_inline)) {
+          rr, [&](int q, int64_t at, auto n) __attribute__((always_inline)) {
             at += q * channel_stride;
             const V g = load_lanes<A>(gdy + at, n);  // 0 in a tail's inactive lanes
             const V xm = keep_lanes<A>(load_lanes<A>(gx + at, n) - m[q], n);
@@ -1748,6 +1781,17 @@ void backward_reduce_nchw_group(const float* x, const float* dy, region r, int64
         part1[j0 + q] = s1[q];
       }
     });
+  };
+  const int64_t row_values = channels * channel_stride;  // the group's part of a row
+  if (!relu_in.bits) {
+    add_sums(r, x, dy);
+  } else if (row_values <= kKeptValues) {
+    alignas(64) float kept[kKeptValues];
+    for (int64_t i = 0; i < r.rows; ++i) {
+      const int64_t at = i * r.stride;
+      keep_masked<A>(dy + at, relu_in.bits, relu_in.index + at, row_values, kept);
+      add_sums(region{1, r.cols, r.cols}, x + at, kept);
+    }
   } else {
     for (int64_t j = 0; j < channels; ++j) {
       const int64_t at = j * channel_stride;
