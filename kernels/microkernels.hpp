@@ -67,58 +67,65 @@ moments moments_double(const float* x, region r) {
 }
 
 // Calls add(v, q) for v = f(the values of one channel's region r), a vector
-// at a time: per row, groups of four vectors to accumulators 0..3, the
+// at a time: per row, groups of N vectors to accumulators 0..N-1, the
 // vectors left over to 0, 1, 2, and the row's tail, a masked vector (zero in
-// the inactive lanes), to 3 (fixed indices, so that the accumulators stay
-// in registers). The loop also asks for the data kSumsAhead floats ahead.
+// the inactive lanes), to N - 1 (fixed indices, so that the accumulators
+// stay in registers). With N = 4 the loop also asks for the data
+// kSumsAhead floats ahead.
 //
-// Four accumulators, not two: with two the loop waited on their adds and
-// multiply-adds (4 cycles each on Zen 3), and the NCHW moments read L3 at
-// 0.6-0.7 of a bare read; NCHW forward training 8x64x56x56 -30%,
-// 8x256x28x28 -10..-30%, 1x64x112x112 -8%, 32x64x56x56 -4..-7% (bnorm_ab
-// both orders, session 21). The prefetch adds -5..-10% on tensors just
-// beyond the L3 (32x64x56x56, 8x64x112x112) and nothing elsewhere. (The
-// W-channel groups, moments_nchw_group, interleave four channels instead.)
+// Chunks of long rows take N = 4: with two accumulators the loop waited on
+// their adds and multiply-adds (4 cycles each on Zen 3), and the NCHW moments
+// read L3 at 0.6-0.7 of a bare read; NCHW forward training 8x64x56x56
+// -30%, 8x256x28x28 -10..-30%, 1x64x112x112 -8%, 32x64x56x56 -4..-7%
+// (bnorm_ab both orders, session 21). The prefetch adds -5..-10% on tensors
+// just beyond the L3 (32x64x56x56, 8x64x112x112) and nothing elsewhere.
+// The W-channel groups (moments_nchw_group) keep N = 2: with 2 W vectors of
+// partial sums live they spilled, and NCHW 32x2048x7x7 training took 25%
+// longer with four.
 constexpr int64_t kSumsAhead = 512;
 
-template <class A, class F, class Add>
+template <class A, int N, class F, class Add>
 inline void for_each_vector(const float* x, region r, F f, Add add) {
+  static_assert(N == 2 || N == 4, "two or four accumulators");
   using V = simd::vfloat<A>;
   constexpr int64_t W = V::size;
   const int64_t tail = r.cols % W, body = r.cols - tail;
   for (int64_t i = 0; i < r.rows; ++i) {
     const float* row = x + i * r.stride;
     int64_t j = 0;
-    for (; j + 4 * W <= body; j += 4 * W) {
-      for (int64_t b = 0; b < 4 * W; b += 16) __builtin_prefetch(row + j + kSumsAhead + b, 0, 3);
+    for (; j + N * W <= body; j += N * W) {
+      if (N == 4)
+        for (int64_t b = 0; b < N * W; b += 16) __builtin_prefetch(row + j + kSumsAhead + b, 0, 3);
       add(f(V::load_unaligned(row + j)), 0);
       add(f(V::load_unaligned(row + j + W)), 1);
-      add(f(V::load_unaligned(row + j + 2 * W)), 2);
-      add(f(V::load_unaligned(row + j + 3 * W)), 3);
+      if (N == 4) {
+        add(f(V::load_unaligned(row + j + 2 * W)), 2);
+        add(f(V::load_unaligned(row + j + 3 * W)), 3);
+      }
     }
     if (j < body) add(f(V::load_unaligned(row + j)), 0);
-    if (j + W < body) add(f(V::load_unaligned(row + j + W)), 1);
-    if (j + 2 * W < body) add(f(V::load_unaligned(row + j + 2 * W)), 2);
-    if (tail) add(simd::keep_first<A>(f(simd::load_first<A>(row + body, tail)), tail), 3);
+    if (N == 4 && j + W < body) add(f(V::load_unaligned(row + j + W)), 1);
+    if (N == 4 && j + 2 * W < body) add(f(V::load_unaligned(row + j + 2 * W)), 2);
+    if (tail) add(simd::keep_first<A>(f(simd::load_first<A>(row + body, tail)), tail), N - 1);
   }
 }
 
-// Sums of d = x - k and of d^2 over one channel's region r (four
-// accumulators each, see for_each_vector), into *d1 and *d2.
-template <class A>
+// Sums of d = x - k and of d^2 over one channel's region r (N accumulators
+// each, see for_each_vector), into *d1 and *d2.
+template <class A, int N = 4>
 inline void deviation_sums(const float* x, region r, simd::vfloat<A> k, simd::vfloat<A>* d1,
                            simd::vfloat<A>* d2) {
   using V = simd::vfloat<A>;
-  V s1[4], s2[4];
-  for (int q = 0; q < 4; ++q) s1[q] = s2[q] = V(0.f);
-  for_each_vector<A>(
+  V s1[N], s2[N];
+  for (int q = 0; q < N; ++q) s1[q] = s2[q] = V(0.f);
+  for_each_vector<A, N>(
       x, r, [&](V v) { return v - k; },
       [&](V d, int q) {
         s1[q] += d;
         s2[q] = madd(d, d, s2[q]);
       });
-  *d1 = (s1[0] + s1[1]) + (s1[2] + s1[3]);
-  *d2 = (s2[0] + s2[1]) + (s2[2] + s2[3]);
+  *d1 = N == 4 ? (s1[0] + s1[1]) + (s1[2] + s1[3]) : s1[0] + s1[1];
+  *d2 = N == 4 ? (s2[0] + s2[1]) + (s2[2] + s2[3]) : s2[0] + s2[1];
 }
 
 // With a shift (the previous chunk's mean; NaN: none), one pass first, as
@@ -245,72 +252,18 @@ moments moments_nchw(const float* x, region r, float shift) {
   return moments_two_pass<A>(x, r);
 }
 
-// A row's whole vector (whole_vector) or its tail of n < W values.
-template <class A>
-using whole_vector = std::integral_constant<int64_t, simd::vfloat<A>::size>;
-
-// The vector at p: whole, or the tail's n values and 0 in the other lanes.
-template <class A, class N>
-inline simd::vfloat<A> load_lanes(const float* p, N n) {
-  if constexpr (std::is_same_v<N, whole_vector<A>>)
-    return simd::vfloat<A>::load_unaligned(p);
-  else
-    return simd::load_first<A>(p, n);
-}
-
-// v, or for a tail of n values v in its first n lanes and 0 in the others.
-template <class A, class N>
-inline simd::vfloat<A> keep_lanes(simd::vfloat<A> v, N n) {
-  if constexpr (std::is_same_v<N, whole_vector<A>>)
-    return v;
-  else
-    return simd::keep_first<A>(v, n);
-}
-
-// Calls f(q, at, n) for the vectors of values [at, at + n) of region r, at
-// from its start, for Q channels q at a time: every row's vectors in
-// order, each for q = 0 .. Q - 1; n is whole_vector<A> but in a row's tail
-// (int64_t n < W), so that f's loads and masks (load_lanes, keep_lanes)
-// are decided at compile time.
-template <class A, int Q, class F>
-__attribute__((always_inline)) inline void group_vectors(region r, F f) {
-  constexpr int64_t W = simd::vfloat<A>::size;
-  const int64_t tail = r.cols % W, body = r.cols - tail;
-  for (int64_t i = 0; i < r.rows; ++i) {
-    const int64_t at = i * r.stride;
-    for (int64_t j = 0; j < body; j += W)
-      for (int q = 0; q < Q; ++q) f(q, at + j, whole_vector<A>{});
-    if (tail == 0) continue;
-    for (int q = 0; q < Q; ++q) f(q, at + body, tail);
-  }
-}
-
-// Calls pass(j, Q) for the channels [j, j + Q) of a group of `channels`:
-// Q = 4 (std::integral_constant) while four are left, then Q = 1.
-template <class Pass>
-__attribute__((always_inline)) inline void in_channel_quads(int64_t channels, Pass pass) {
-  int64_t j = 0;
-  for (; j + 4 <= channels; j += 4) pass(j, std::integral_constant<int, 4>{});
-  for (; j < channels; ++j) pass(j, std::integral_constant<int, 1>{});
-}
-
 // NCHW channels with few values (a channel is one chunk of at most
 // kGroupValues, e.g. 7x7 at small batches): W channels at once, so that the
 // fixed costs of a reduction (horizontal sums, the double arithmetic) are
 // paid once per W channels. Channel j of the group is region r at
 // x + j * channel_stride; out[j] for j < channels <= W. Per channel, as
 // moments_nchw without a shift: pass 1 over the first rows (shift_rows; the
-// whole region if none), pass 2 over the region, four channels at a time
-// (group_vectors) with one accumulator each; a channel whose first rows'
-// mean is too far from its own gets the two passes (moments_two_pass).
-// haddp sums the W channels' vectors into one vector, lane j holding
-// channel j. The group is always channels [gW, gW + W) of the tensor, so a
-// channel's arithmetic depends only on the shape. Channel by channel (two
-// accumulators each; four spilled, session 21) the kernel took 203
-// instructions a channel of 1x512x7x7, 128 this way (callgrind); bnorm_ab,
-// Zen 3, both orders twice, forward training: 1x512x7x7 -2..-8%,
-// 1x2048x7x7 -2..-11%, 8x512x7x7 -3..-7%, 8x2048x7x7 -4..+5%, 14x14
-// -3..+1%, 1x128x28x28 -6..-10%, 1x512x28x28 -5..+2%.
+// whole region if none), pass 2 over the region, each with two accumulators
+// (alternating vectors); a channel whose first rows' mean is too far from
+// its own gets the two passes (moments_two_pass). haddp sums
+// the W channels' vectors into one vector, lane j holding channel j. The
+// group is always channels [gW, gW + W) of the tensor, so a channel's
+// arithmetic depends only on the shape.
 
 template <class A>
 void moments_nchw_group(const float* x, region r, int64_t channels, int64_t channel_stride,
@@ -324,47 +277,22 @@ void moments_nchw_group(const float* x, region r, int64_t channels, int64_t chan
   alignas(64) float x0[W], m[W], s1[W], s2[W];
   V part[W], part2[W];
   for (int64_t j = 0; j < W; ++j) {
-    part[j] = part2[j] = V(0.f);
+    part[j] = V(0.f);
     x0[j] = j < channels ? x[j * channel_stride] : 0.f;
+    if (j >= channels) continue;
+    const V vx0(x0[j]);
+    V s0(0.f), s1(0.f);
+    for_each_vector<A, 2>(
+        x + j * channel_stride, first, [&](V v) { return v - vx0; },
+        [&](V d, int k) { (k ? s1 : s0) += d; });
+    part[j] = s0 + s1;
   }
-  // The deviations from k[q] of the vector [at, at + n) of channel q from
-  // group (x + the quad's first channel), 0 in a tail's inactive lanes.
-  auto deviation = [channel_stride](const float* group, const V* k, int q, int64_t at, auto n)
-      __attribute__((always_inline)) {
-    return keep_lanes<A>(load_lanes<A>(group + q * channel_stride + at, n) - k[q], n);
-  };
-  in_channel_quads(channels, [&](int64_t j0, auto quad) {
-    constexpr int Q = decltype(quad)::value;
-    V k[Q], d1[Q];
-    for (int q = 0; q < Q; ++q) {
-      k[q] = V(x0[j0 + q]);
-      d1[q] = V(0.f);
-    }
-    group_vectors<A, Q>(
-        first, [&](int q, int64_t at, auto n) __attribute__((always_inline)) {
-          d1[q] += deviation(x + j0 * channel_stride, k, q, at, n);
-        });
-    for (int q = 0; q < Q; ++q) part[j0 + q] = d1[q];
-  });
   (V::load_aligned(x0) + simd::haddp<A>(part) / V(static_cast<float>(first.rows * first.cols))).store_aligned(m);
-  in_channel_quads(channels, [&](int64_t j0, auto quad) {
-    constexpr int Q = decltype(quad)::value;
-    V k[Q], d1[Q], d2[Q];
-    for (int q = 0; q < Q; ++q) {
-      k[q] = V(m[j0 + q]);
-      d1[q] = d2[q] = V(0.f);
-    }
-    group_vectors<A, Q>(
-        r, [&](int q, int64_t at, auto n) __attribute__((always_inline)) {
-          const V d = deviation(x + j0 * channel_stride, k, q, at, n);
-          d1[q] += d;
-          d2[q] = madd(d, d, d2[q]);
-        });
-    for (int q = 0; q < Q; ++q) {
-      part[j0 + q] = d1[q];
-      part2[j0 + q] = d2[q];
-    }
-  });
+  for (int64_t j = 0; j < W; ++j) {
+    part[j] = part2[j] = V(0.f);
+    if (j >= channels) continue;
+    deviation_sums<A, 2>(x + j * channel_stride, r, V(m[j]), &part[j], &part2[j]);
+  }
   simd::haddp<A>(part).store_aligned(s1);
   simd::haddp<A>(part2).store_aligned(s2);
   for (int64_t j = 0; j < channels; ++j) {
@@ -1706,6 +1634,55 @@ void backward_reduce_nchw(const float* x, const float* dy, region r, float mean,
   *sum_dy_xmu = static_cast<double>(xsimd::hadd(s.dy_xmu));
   if (!std::isfinite(*sum_dy) || !std::isfinite(*sum_dy_xmu))
     backward_reduce_double<A>(x, dy, r, mean, relu_in, sum_dy, sum_dy_xmu);
+}
+
+// A row's whole vector (whole_vector) or its tail of n < W values.
+template <class A>
+using whole_vector = std::integral_constant<int64_t, simd::vfloat<A>::size>;
+
+// The vector at p: whole, or the tail's n values and 0 in the other lanes.
+template <class A, class N>
+inline simd::vfloat<A> load_lanes(const float* p, N n) {
+  if constexpr (std::is_same_v<N, whole_vector<A>>)
+    return simd::vfloat<A>::load_unaligned(p);
+  else
+    return simd::load_first<A>(p, n);
+}
+
+// v, or for a tail of n values v in its first n lanes and 0 in the others.
+template <class A, class N>
+inline simd::vfloat<A> keep_lanes(simd::vfloat<A> v, N n) {
+  if constexpr (std::is_same_v<N, whole_vector<A>>)
+    return v;
+  else
+    return simd::keep_first<A>(v, n);
+}
+
+// Calls f(q, at, n) for the vectors of values [at, at + n) of region r, at
+// from its start, for Q channels q at a time: every row's vectors in
+// order, each for q = 0 .. Q - 1; n is whole_vector<A> but in a row's tail
+// (int64_t n < W), so that f's loads and masks (load_lanes, keep_lanes)
+// are decided at compile time.
+template <class A, int Q, class F>
+__attribute__((always_inline)) inline void group_vectors(region r, F f) {
+  constexpr int64_t W = simd::vfloat<A>::size;
+  const int64_t tail = r.cols % W, body = r.cols - tail;
+  for (int64_t i = 0; i < r.rows; ++i) {
+    const int64_t at = i * r.stride;
+    for (int64_t j = 0; j < body; j += W)
+      for (int q = 0; q < Q; ++q) f(q, at + j, whole_vector<A>{});
+    if (tail == 0) continue;
+    for (int q = 0; q < Q; ++q) f(q, at + body, tail);
+  }
+}
+
+// Calls pass(j, Q) for the channels [j, j + Q) of a group of `channels`:
+// Q = 4 (std::integral_constant) while four are left, then Q = 1.
+template <class Pass>
+__attribute__((always_inline)) inline void in_channel_quads(int64_t channels, Pass pass) {
+  int64_t j = 0;
+  for (; j + 4 <= channels; j += 4) pass(j, std::integral_constant<int, 4>{});
+  for (; j < channels; ++j) pass(j, std::integral_constant<int, 1>{});
 }
 
 // dy[0, n) where the mask bits from `index` are set, 0 elsewhere, to out: a
