@@ -1712,16 +1712,17 @@ void keep_masked(const float* dy, const uint8_t* bits, int64_t index, int64_t n,
   }
 }
 
-// NCHW channels with few values, W at a time, as moments_nchw_group: four
-// channels at a time (group_vectors), one pair of accumulators each, the
-// loop's set-up once per four channels, where channel_sums took 173
+// NCHW channels with few values, W a call (as moments_nchw_group), summed
+// four channels at a time (group_vectors), one pair of accumulators each:
+// the loop's set-up once per four channels, where channel_sums took 173
 // instructions a channel of 1x512x7x7 (callgrind; 100 this way). bnorm_ab,
 // Zen 3, both orders twice: backward 1x512x7x7 -27..-31%, 1x2048x7x7
 // -24..-29%, 8x512x7x7 -17..-20%, 8x2048x7x7 -17..-21%, 1x256x14x14
 // -5..-13%, 8x256x14x14 -10..-16%; 1x128x28x28 and 1x512x28x28 -9..+4%.
 // With the mask, image by image where the group's part of an image (W
 // planes) fits kKeptValues: its dy kept where the bits are set first
-// (keep_masked, in memory order from a mask byte on).
+// (keep_masked, in memory order from a mask byte on). (The moments' groups
+// the same way: slower at 32x2048x7x7, performance-notes Session 27.)
 constexpr int64_t kKeptValues = 2048;
 
 template <class A>
