@@ -1636,33 +1636,10 @@ void backward_reduce_nchw(const float* x, const float* dy, region r, float mean,
     backward_reduce_double<A>(x, dy, r, mean, relu_in, sum_dy, sum_dy_xmu);
 }
 
-// A row's whole vector (whole_vector) or its tail of n < W values.
-template <class A>
-using whole_vector = std::integral_constant<int64_t, simd::vfloat<A>::size>;
-
-// The vector at p: whole, or the tail's n values and 0 in the other lanes.
-template <class A, class N>
-inline simd::vfloat<A> load_lanes(const float* p, N n) {
-  if constexpr (std::is_same_v<N, whole_vector<A>>)
-    return simd::vfloat<A>::load_unaligned(p);
-  else
-    return simd::load_first<A>(p, n);
-}
-
-// v, or for a tail of n values v in its first n lanes and 0 in the others.
-template <class A, class N>
-inline simd::vfloat<A> keep_lanes(simd::vfloat<A> v, N n) {
-  if constexpr (std::is_same_v<N, whole_vector<A>>)
-    return v;
-  else
-    return simd::keep_first<A>(v, n);
-}
-
-// Calls f(q, at, n) for the vectors of values [at, at + n) of region r, at
-// from its start, for Q channels q at a time: every row's vectors in
-// order, each for q = 0 .. Q - 1; n is whole_vector<A> but in a row's tail
-// (int64_t n < W), so that f's loads and masks (load_lanes, keep_lanes)
-// are decided at compile time.
+// Calls f(q, at, n) for the vectors of values [at, at + n) (n == W but in
+// a row's tail) of region r, at from its start, for Q channels q at a time:
+// every row's vectors in order, each for q = 0 .. Q - 1. Inlined, f's
+// tests of n == W fold away in the loop of whole vectors.
 template <class A, int Q, class F>
 __attribute__((always_inline)) inline void group_vectors(region r, F f) {
   constexpr int64_t W = simd::vfloat<A>::size;
@@ -1670,7 +1647,7 @@ __attribute__((always_inline)) inline void group_vectors(region r, F f) {
   for (int64_t i = 0; i < r.rows; ++i) {
     const int64_t at = i * r.stride;
     for (int64_t j = 0; j < body; j += W)
-      for (int q = 0; q < Q; ++q) f(q, at + j, whole_vector<A>{});
+      for (int q = 0; q < Q; ++q) f(q, at + j, W);
     if (tail == 0) continue;
     for (int q = 0; q < Q; ++q) f(q, at + body, tail);
   }
@@ -1747,10 +1724,11 @@ void backward_reduce_nchw_group(const float* x, const float* dy, region r, int64
         s1[q] = part1[j0 + q];
       }
       group_vectors<A, Q>(
-          rr, [&](int q, int64_t at, auto n) __attribute__((always_inline)) {
+          rr, [&](int q, int64_t at, int64_t n) __attribute__((always_inline)) {
             at += q * channel_stride;
-            const V g = load_lanes<A>(gdy + at, n);  // 0 in a tail's inactive lanes
-            const V xm = keep_lanes<A>(load_lanes<A>(gx + at, n) - m[q], n);
+            const V g = load_n<A>(gdy + at, n);  // 0 in a tail's inactive lanes
+            const V xm = n == W ? V::load_unaligned(gx + at) - m[q]
+                                : simd::keep_first<A>(simd::load_first<A>(gx + at, n) - m[q], n);
             s0[q] += g;
             s1[q] = madd(g, xm, s1[q]);
           });
