@@ -138,8 +138,11 @@ void register_rows(const std::vector<problem>& problems, const std::vector<imple
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
 
-  // Implementations of one problem run next to each other, so that a drift
-  // of the machine during the run shifts them together.
+  // Implementations of one problem run next to each other, and so do the
+  // operations of one problem, so that a drift of the machine during the run
+  // shifts them together (with the operations outermost, a ReLU row ran
+  // minutes after its operation's row, often in another state of the
+  // machine, and the two could not be compared).
   // Google Benchmark calls a row's body several times while it sizes the
   // iteration count; the quiet gate is passed once, before the first call.
   auto add = [wait_quiet](const op& o, layout l, const implementation& impl, const problem& p) {
@@ -158,8 +161,8 @@ void register_rows(const std::vector<problem>& problems, const std::vector<imple
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   };
-  for (const op& o : all_ops()) {
-    for (const problem& p : problems) {
+  for (const problem& p : problems) {
+    for (const op& o : all_ops()) {
       if (!p.two_d) {
         for (layout l : {layout::nchw, layout::nhwc})
           for (const implementation& impl : impls) add(o, l, impl, p);

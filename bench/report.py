@@ -169,6 +169,23 @@ class Results:
             return None
         return r
 
+    def close_calls(self, margin):
+        """Names of the rows, bnorm's and its peers', of every comparison whose
+        speed-up is below margin (bnorm slower, or faster by less)."""
+        names = []
+        for op in self.ops():
+            for desc, layout, rows, speedup in self.entries(op):
+                if speedup is None or speedup >= margin:
+                    continue
+                for impl in rows:
+                    peer_layout = layout
+                    if impl != "bnorm" and (op, layout, impl, desc) not in self.rows:
+                        peer_layout = "nc"
+                    name = "/".join((op, peer_layout, impl, desc))
+                    if name not in names:
+                        names.append(name)
+        return names
+
     def ops(self):
         present = {k[0] for k in self.rows}
         return [op for op in OPS if op in present]
@@ -399,6 +416,10 @@ SIZE_CLASSES = [("< 2 MB (L2)", 0, 2), ("2-16 MB (L3)", 2, 16), ("16-64 MB", 16,
 
 def write_markdown(res, path, images, img_rel):
     ctx = res.context
+    # run_bench.sh's files: FILE.passN (the full suite), FILE.closeN (close calls).
+    passes = ctx.get("best_of_passes", "").split()
+    close_passes = [p for p in passes if re.search(r"\.close\d+$", p)]
+    full_passes = [p for p in passes if p not in close_passes]
     impls = res.impls()
     out = []
     w = out.append
@@ -456,8 +477,12 @@ def write_markdown(res, path, images, img_rel):
         ("Input", ", ".join(os.path.basename(p) for p in res.files)
          + ("" if "merged_from" not in ctx else " (reruns merged)")
          + ("" if "best_of_passes" not in ctx else
-            "; best of %d full passes (%s): each row's fastest pass, its ratio against the "
-            "%s" % (len(ctx["best_of_passes"].split()), ctx["best_of_passes"],
+            "; best of %d full passes (%s)%s: each row's fastest pass, its ratio against the "
+            "%s" % (len(full_passes), " ".join(full_passes),
+                    "" if not close_passes else
+                    " and, for the comparisons whose speed-up was below 1.25 after them "
+                    "(bnorm's rows and the peers'), %d more (%s)" % (len(close_passes),
+                                                                     " ".join(close_passes)),
                     "copy of its own pass (median of the passes, --paired)" if res.use_paired
                     else "fastest of the copies of the same traffic timed just before the row "
                     "in each pass"))),
@@ -474,7 +499,7 @@ def write_markdown(res, path, images, img_rel):
     w("")
     w("```sh")
     w("cmake -S . -B build && cmake --build build -j2 --target bnorm_bench")
-    passes = max(2, len(ctx.get("best_of_passes", "").split()))
+    passes = max(2, len(full_passes))
     w("bench/run_bench.sh --passes %d --out build/bench.json%s%s"
       % (passes, "" if offset == "0" else " --buffer_offset=" + offset,
          " --problems=" + ",".join(res.descs) if chosen else "   # --quick: 3 problems"))
@@ -778,6 +803,10 @@ def main():
     ap.add_argument("--disturbed-filter", action="store_true",
                     help="print a --benchmark_filter for the rows that failed or ran next "
                     "to other processes (empty if none), write nothing")
+    ap.add_argument("--close-filter", metavar="MARGIN", type=float,
+                    help="print a --benchmark_filter for the rows of the comparisons whose "
+                    "speed-up is below MARGIN (bnorm's and its peers'; empty if none), "
+                    "write nothing")
     ap.add_argument("--merge-into", metavar="OUT",
                     help="write the merged rows of all inputs as one JSON file, nothing else")
     ap.add_argument("--best-of", metavar="OUT",
@@ -803,12 +832,13 @@ def main():
             ap.error("no JSON given and none in build/bench/ or build-bench/bench/; "
                      "run bench/run_bench.sh first")
         args.json = found[:1]
-    writes_docs = not (args.summary or args.disturbed_filter or args.merge_into or args.best_of)
+    writes_docs = not (args.summary or args.disturbed_filter or args.close_filter or
+                       args.merge_into or args.best_of)
     if writes_docs:
         reexec_with_matplotlib()
     res = Results(args.json, use_mean=args.mean, use_paired=args.paired)
-    if args.disturbed_filter:
-        names = res.disturbed()
+    if args.disturbed_filter or args.close_filter:
+        names = res.close_calls(args.close_filter) if args.close_filter else res.disturbed()
         if names:
             print("^(%s)(/manual_time)?$" % "|".join(re.escape(n) for n in names))
         return

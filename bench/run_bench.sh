@@ -17,7 +17,11 @@
 # FILE.passN, and write to FILE each row's fastest pass against the fastest
 # copy in any pass: this machine runs at full or half speed for seconds to
 # minutes at a time, and a row and its peers' rows can fall into different
-# states; see report.py best_of_json).
+# states; see report.py best_of_json), --close-passes N (default 2; with
+# --passes 2 or more: the comparisons whose speed-up over the faster peer is
+# below 1.25 after the passes, bnorm's rows and the peers' alike, run N more
+# times into FILE.close1 .. FILE.closeN and take part in each row's best:
+# with a few passes a state of the machine decides the close calls).
 # Everything else goes to the binary (--problems=LIST, Google Benchmark flags),
 # before or after the options above.
 #
@@ -35,6 +39,7 @@ out=""
 wait_quiet=0
 reruns=2
 passes=1
+close_passes=2
 rebuild=1
 # Options may come in any order; the others go to the binary in theirs
 # (each is moved to the end of "$@" as the loop meets it).
@@ -48,6 +53,8 @@ while [ $left -gt 0 ]; do
     --reruns) reruns=${2-}; n=2 ;;
     --passes) passes=${2-}; n=2 ;;
     --passes=*) passes=${1#--passes=} ;;
+    --close-passes) close_passes=${2-}; n=2 ;;
+    --close-passes=*) close_passes=${1#--close-passes=} ;;
     --reruns=*) reruns=${1#--reruns=} ;;
     --build) build=${2-}; n=2 ;;
     --build=*) build=${1#--build=} ;;
@@ -61,6 +68,9 @@ while [ $left -gt 0 ]; do
 done
 case $passes in
   '' | *[!0-9]* | 0) echo "run_bench.sh: --passes takes a number >= 1" >&2; exit 2 ;;
+esac
+case $close_passes in
+  '' | *[!0-9]*) echo "run_bench.sh: --close-passes takes a number >= 0" >&2; exit 2 ;;
 esac
 
 if [ -z "$build" ]; then
@@ -78,6 +88,9 @@ if [ ! -x "$bin" ]; then
   echo "  cmake -S $repo -B $repo/build && cmake --build $repo/build -j2 --target bnorm_bench" >&2
   exit 1
 fi
+case $out in
+  *" "*) echo "run_bench.sh: --out: a path without spaces, please" >&2; exit 2 ;;
+esac
 if [ -z "$out" ]; then
   if [ $quick = 1 ]; then out="$build/bench/bnorm_bench_quick.json"; else out="$build/bench/bnorm_bench.json"; fi
 fi
@@ -174,13 +187,29 @@ else
       run_pass "$out.pass$k" "$@"
       k=$((k + 1))
     done
-    set --  # the binary's arguments are done with: now the pass files
+    files=""
     k=1
     while [ "$k" -le "$passes" ]; do
-      set -- "$@" "$out.pass$k"
+      files="$files $out.pass$k"
       k=$((k + 1))
     done
-    "$python" "$repo/bench/report.py" --best-of "$out" "$@"
+    # shellcheck disable=SC2086  # the file names hold no spaces
+    "$python" "$repo/bench/report.py" --best-of "$out" $files
+    close=""  # not $filter: run_pass sets that
+    [ "$close_passes" -gt 0 ] && close=$("$python" "$repo/bench/report.py" --close-filter 1.25 "$out")
+    if [ -n "$close" ]; then
+      k=1
+      while [ "$k" -le "$close_passes" ]; do
+        echo "run_bench.sh: close calls, pass $k of $close_passes:" \
+             "$(echo "$close" | tr '|' '\n' | wc -l) rows" >&2
+        wait_until_quiet
+        run_pass "$out.close$k" "$@" --benchmark_filter="$close"
+        files="$files $out.close$k"
+        k=$((k + 1))
+      done
+      # shellcheck disable=SC2086
+      "$python" "$repo/bench/report.py" --best-of "$out" $files
+    fi
   fi
   echo "results: $out" >&2
   echo "report:  $python $repo/bench/report.py $out   (writes docs/performance.md, docs/img/)" >&2
