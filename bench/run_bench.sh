@@ -88,12 +88,12 @@ if [ ! -x "$bin" ]; then
   echo "  cmake -S $repo -B $repo/build && cmake --build $repo/build -j2 --target bnorm_bench" >&2
   exit 1
 fi
-case $out in
-  *" "*) echo "run_bench.sh: --out: a path without spaces, please" >&2; exit 2 ;;
-esac
 if [ -z "$out" ]; then
   if [ $quick = 1 ]; then out="$build/bench/bnorm_bench_quick.json"; else out="$build/bench/bnorm_bench.json"; fi
 fi
+case $out in  # the pass files' names are split on spaces below
+  *" "*) echo "run_bench.sh: the output path ($out) may not contain spaces: give --out" >&2; exit 2 ;;
+esac
 
 jemalloc=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
 if [ -r "$jemalloc" ]; then
