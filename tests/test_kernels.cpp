@@ -177,6 +177,14 @@ TEST_P(Layouts, ShortPlanes) {
              1201);
 }
 
+// NCHW planes of more than 4096 values (kChunkValues) are reduced in pieces; in tensors of one
+// slice (C >= 64) each thread takes its channels plane by plane, all the pieces of one channel's
+// plane, then the next channel's (chunk_rows in kernels/batchnorm.cpp): two pieces, three with a
+// short last one, one image.
+TEST_P(Layouts, PlanesInPieces) {
+  TestShapes(GetParam(), {{2, 64, 4100}, {3, 65, 9000}, {1, 70, 8193}}, 1251);
+}
+
 // NHWC rows whose channels do not fill whole vectors are read g rows at a time as rows of
 // L = lcm(C, W, 8) channels (fold() in kernels/batchnorm.cpp), the rows left over as they are:
 // rows a multiple of g, with a rest, fewer rows than g (no fold), one channel (g = 8 with AVX2),
