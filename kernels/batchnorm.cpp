@@ -1905,7 +1905,14 @@ channel_blocks nchw_blocks(const kernel_table& k, const plan& p, int nt, int arr
     return {};
   if (!exceeds_cache(p, arrays + 1)) return {};
   const int64_t per_channel = p.count * static_cast<int64_t>(sizeof(float)) * arrays;
-  // Channels larger than a quarter of L2 go in blocks of a quarter of each
+  // Channels of more than a quarter of L2 but at most half of it go one a
+  // block, in L2 (session 28, bnorm_ab, Zen 3, both orders twice, against
+  // the L3 blocks below: backward 8x256x56x56 -11..-22%, 32x512x28x28
+  // -7..-11%, 32x128x28x28 -3..-11%, with ReLU -11..-20% and -6..-12%;
+  // forward training 16x256x56x56 -8..-18%, 64x256x28x28 -3..-12%; a bare
+  // loop of the backward's traffic gained -15% from blocks of x and dy in
+  // L2, -7..+2% from blocks of 1-4 MiB).
+  // Larger channels go in blocks of a quarter of each
   // thread's share of the L3 instead: the second pass then reads the L3,
   // not memory (read 2S + write S against 4S + S in phases). On AMD Zen 3
   // (512 KiB L2, 32 MiB L3; session 19, bnorm_ab, both orders) against the
@@ -1918,6 +1925,7 @@ channel_blocks nchw_blocks(const kernel_table& k, const plan& p, int nt, int arr
   // +3..+17% (session 24). Larger channels (the backward of
   // 128x64x112x112, 12.5 MiB of x and dy) take the phases.
   int64_t fit = planes ? cache_bytes() / (8 * nt) / per_channel : l2_bytes() / 4 / per_channel;
+  if (fit == 0 && !planes && per_channel <= l2_bytes() / 2) fit = 1;
   if (fit == 0) fit = cache_bytes() / (4 * nt) / per_channel;
   if (fit == 0 && per_channel <= cache_bytes() / (2 * nt)) fit = 1;
   if (fit == 0) return {};
