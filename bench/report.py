@@ -37,6 +37,9 @@ TWO_D_C = [256, 1024]
 Row = collections.namedtuple("Row", "time_s gbs ratio copy_gbs error others")
 # Rows during which other processes used more than this share of the CPUs.
 DISTURBED = 0.10
+# Comparisons whose speed-up over the faster peer is below this are close
+# calls: bench/run_bench.sh runs their rows again (--close-filter).
+CLOSE_MARGIN = 1.25
 Shape = collections.namedtuple("Shape", "n c h w two_d")
 
 
@@ -480,8 +483,9 @@ def write_markdown(res, path, images, img_rel):
             "; best of %d full passes (%s)%s: each row's fastest pass, its ratio against the "
             "%s" % (len(full_passes), " ".join(full_passes),
                     "" if not close_passes else
-                    " and, for the comparisons whose speed-up was below 1.25 after them "
-                    "(bnorm's rows and the peers'), %d more (%s)" % (len(close_passes),
+                    " and, for the comparisons whose speed-up was below %.2f after them "
+                    "(bnorm's rows and the peers'), %d more (%s)" % (CLOSE_MARGIN,
+                                                                     len(close_passes),
                                                                      " ".join(close_passes)),
                     "copy of its own pass (median of the passes, --paired)" if res.use_paired
                     else "fastest of the copies of the same traffic timed just before the row "
@@ -803,10 +807,12 @@ def main():
     ap.add_argument("--disturbed-filter", action="store_true",
                     help="print a --benchmark_filter for the rows that failed or ran next "
                     "to other processes (empty if none), write nothing")
-    ap.add_argument("--close-filter", metavar="MARGIN", type=float,
+    ap.add_argument("--close-filter", action="store_true",
                     help="print a --benchmark_filter for the rows of the comparisons whose "
-                    "speed-up is below MARGIN (bnorm's and its peers'; empty if none), "
+                    "speed-up is below --margin (bnorm's and its peers'; empty if none), "
                     "write nothing")
+    ap.add_argument("--margin", type=float, default=CLOSE_MARGIN,
+                    help="of --close-filter (default %.2f)" % CLOSE_MARGIN)
     ap.add_argument("--merge-into", metavar="OUT",
                     help="write the merged rows of all inputs as one JSON file, nothing else")
     ap.add_argument("--best-of", metavar="OUT",
@@ -838,7 +844,7 @@ def main():
         reexec_with_matplotlib()
     res = Results(args.json, use_mean=args.mean, use_paired=args.paired)
     if args.disturbed_filter or args.close_filter:
-        names = res.close_calls(args.close_filter) if args.close_filter else res.disturbed()
+        names = res.close_calls(args.margin) if args.close_filter else res.disturbed()
         if names:
             print("^(%s)(/manual_time)?$" % "|".join(re.escape(n) for n in names))
         return

@@ -19,7 +19,7 @@
 # minutes at a time, and a row and its peers' rows can fall into different
 # states; see report.py best_of_json), --close-passes N (default 2; with
 # --passes 2 or more: the comparisons whose speed-up over the faster peer is
-# below 1.25 after the passes, bnorm's rows and the peers' alike, run N more
+# below report.py's CLOSE_MARGIN (1.25) after the passes, bnorm's rows and the peers' alike, run N more
 # times into FILE.close1 .. FILE.closeN and take part in each row's best:
 # with a few passes a state of the machine decides the close calls).
 # Everything else goes to the binary (--problems=LIST, Google Benchmark flags),
@@ -196,7 +196,7 @@ else
     # shellcheck disable=SC2086  # the file names hold no spaces
     "$python" "$repo/bench/report.py" --best-of "$out" $files
     close=""  # not $filter: run_pass sets that
-    [ "$close_passes" -gt 0 ] && close=$("$python" "$repo/bench/report.py" --close-filter 1.25 "$out")
+    [ "$close_passes" -gt 0 ] && close=$("$python" "$repo/bench/report.py" --close-filter "$out")
     if [ -n "$close" ]; then
       k=1
       while [ "$k" -le "$close_passes" ]; do
