@@ -561,6 +561,21 @@ constexpr int64_t kWideBlock = 2048;
 // forward training -3..-10%. C = 64 one row at a time: +0..+23%.
 constexpr int64_t kOneRowFrom = 128;
 
+// Whole rows of 8 vectors when there are 32 vector registers (AVX-512: C =
+// 128) go as one column group instead, in memory order, its sums in
+// registers: the moments (moments_nhwc) and the backward sums
+// (backward_reduce_nhwc). On Zen 5 (session 29, bnorm_ab both orders twice)
+// the moments in one group against rows four at a time in cache and against
+// one row at a time, or two chunks in step (moments_nhwc_pair), beyond it:
+// bnorm_moments 1x128x28x28 -13..-16%, 128x128x28x28 -27..-30%; forward
+// training 1x128x28x28 -5..-8%, 32x128x28x28 -3..-14%, 128x128x28x28
+// -14..-17%, 32x128x56x56 -14..-16%, 65536x128 -14..-19%. Groups of 8
+// vectors as parts of wider rows (C = 256, 512) measured even or slower.
+template <class A>
+bool one_group_rows(region r) {
+  return simd::vfloat<A>::size == 16 && r.cols == 8 * 16 && r.stride == r.cols;
+}
+
 // The backward sums of rows in memory order (backward_reduce_rows) keep
 // per-channel sums in L1 while the rows stream past, and store them on
 // every row. A load whose address shares its low 12 bits with an older
@@ -712,6 +727,10 @@ void moments_nhwc(const float* x, region r, const float* shift, bool far, moment
     }
     j = end;
   };
+  if (one_group_rows<A>(r)) {
+    if constexpr (W == 16) moments_columns<A, 8>(x, r, 0, shift, out);
+    return;
+  }
   if (far && r.stride >= kOneRowFrom && r.stride <= kStreamBlock)
     in_rows(std::integral_constant<int, 1>{});
   else if (r.stride >= kStreamRowsVectors * W)
@@ -742,7 +761,7 @@ void moments_nhwc(const float* x, region r, const float* shift, bool far, moment
 // kernel_table::moments_nhwc_pair: the chunks a and b, each reduced as
 // moments_nhwc reduces it alone: the same operations in the same order, so
 // the same bits. Beyond the cache, whole rows of kStreamRowsVectors vectors
-// to kStreamBlock channels, both chunks around a shift: one row of a, then
+// to kStreamBlock channels (not one_group_rows), both chunks around a shift: one row of a, then
 // one of b, so that a thread reads two streams of memory, which this Zen
 // 3's prefetchers serve faster than one (a bare loop of these sums on two
 // threads, C = 128-512: 24-25 GB/s in one stream, 27-30 in two, 24-27 in
@@ -759,7 +778,8 @@ void moments_nhwc_pair(const float* xa, region ra, const float* shift_a, moments
   constexpr int64_t W = V::size;
   const int64_t c = ra.cols;
   if (!far || !shift_a || !shift_b || c < kStreamRowsVectors * W || c > kStreamBlock ||
-      c % (4 * W) != 0 || ra.stride != c || rb.stride != c || rb.cols != c) {
+      c % (4 * W) != 0 || ra.stride != c || rb.stride != c || rb.cols != c ||
+      one_group_rows<A>(ra)) {
     moments_nhwc<A>(xa, ra, shift_a, far, out_a);
     moments_nhwc<A>(xb, rb, shift_b, far, out_b);
     return;
@@ -1944,7 +1964,7 @@ void backward_reduce_nhwc(const float* x, const float* dy, region r, const float
                           relu_bits_in relu_in, bool far, double* sum_dy, double* sum_dy_xmu) {
   constexpr int64_t W = simd::vfloat<A>::size;
   // AVX-512 rows of 128 channels keep their one group of 8 vectors (below).
-  const bool one_group = W == 16 && r.cols == 8 * W && r.stride == r.cols;
+  const bool one_group = one_group_rows<A>(r);
   if (!one_group && r.stride >= kStreamRowsVectors * W && r.stride <= kWideBlock &&
       r.cols % W == 0) {
     with_relu_mode(rows_relu_mode<A>(relu_in, r, 0), [&](auto mode) {
