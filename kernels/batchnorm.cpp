@@ -459,9 +459,16 @@ bool exceeds_cache(const plan& p, int arrays) {
   return stream_for(arrays * p.count * p.c * static_cast<int64_t>(sizeof(float)));
 }
 
-// The NHWC reductions' `far`: the tensor and an output of its size do not
-// fit in the cache together (the forward's test for streaming stores).
-bool far(const plan& p) { return exceeds_cache(p, 2); }
+// The NHWC reductions' `far`: the tensor alone does not fit in the cache,
+// so the reduction reads it from memory. Until session 29 the test was the
+// forward's for streaming stores (the tensor and an output of its size), and
+// tensors of a half to all of the cache, which a reduction reads from the
+// L3 when they were written or read just before, took the paths for memory
+// (one row at a time, two chunks in step). In the cache's paths, on Zen 5
+// (bnorm_ab both orders twice): forward training 8x256x56x56 -7..-14%,
+// with ReLU -7..-11%, 128x256x14x14 -1..-3%; 32x64x56x56, 8x64x112x112,
+// 32x1024x14x14 and 4096x1024 even.
+bool far(const plan& p) { return exceeds_cache(p, 1); }
 // The NHWC backward sums': x, dy and dx do not fit in the cache together
 // (backward_reduce_rows then places its sums away from the rows' 4 KiB
 // aliases). With far(p) instead, tensors of a third to a half of the cache
@@ -1626,7 +1633,7 @@ void elementwise_share(const plan& p, int t, int threads, bool after_reduction, 
     const int64_t at = nhwc_part(p, it, ch, &part_region);
     part(at, part_region, it.c0);
   };
-  if (!after_reduction || far(p)) {  // forwards
+  if (!after_reduction || exceeds_cache(p, 2)) {  // forwards
     for (int64_t i = r.begin; i < r.end; ++i) {
       const nhwc_item it = work.item(i);
       for (int64_t ch = slice_begin(p, it.slice); ch < slice_begin(p, it.slice + 1); ++ch)
