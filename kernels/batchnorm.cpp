@@ -441,6 +441,15 @@ int64_t l2_bytes() {
   return bytes;
 }
 
+// The ways of one core's L2 (glibc's sysconf, from CPUID), 8 when unknown.
+int64_t l2_ways() {
+  static const int64_t ways = [] {
+    const long w = sysconf(_SC_LEVEL2_CACHE_ASSOC);
+    return w > 0 ? static_cast<int64_t>(w) : int64_t{8};
+  }();
+  return ways;
+}
+
 int64_t l1_bytes() {
   static const int64_t bytes = core_cache_bytes(1, _SC_LEVEL1_DCACHE_SIZE, 32 * 1024);
   return bytes;
@@ -1918,7 +1927,16 @@ channel_blocks nchw_blocks(const kernel_table& k, const plan& p, int nt, int arr
   // -7..-11%, 32x128x28x28 -3..-11%, with ReLU -11..-20% and -6..-12%;
   // forward training 16x256x56x56 -8..-18%, 64x256x28x28 -3..-12%; a bare
   // loop of the backward's traffic gained -15% from blocks of x and dy in
-  // L2, -7..+2% from blocks of 1-4 MiB).
+  // L2, -7..+2% from blocks of 1-4 MiB). Up to all of L2 with 16 ways or
+  // more: a channel's pieces, one an image, lie a multiple of 64 KiB apart
+  // in most shapes and so fall into the same sets, and on Zen 3 (512 KiB,
+  // 8 ways) channels of a half to all of L2 one a block took +7..+34%,
+  // while on Zen 5 (1 MiB, 16 ways; session 29, bnorm_ab both orders twice)
+  // they took less time than in L3 blocks: backward 8x64x112x112
+  // -26..-29%, 32x64x56x56 -15..-18%, 128x128x28x28 -0..-8%, 32x256x56x56
+  // -1..-6%, 128x512x28x28 -0..-7%, with ReLU 8x64x112x112 -23..-27%,
+  // 32x64x56x56 -8..-12%; forward training 64x64x56x56 -3..-10%,
+  // 16x256x56x56 -1..-4%.
   // Larger channels go in blocks of a quarter of each
   // thread's share of the L3 instead: the second pass then reads the L3,
   // not memory (read 2S + write S against 4S + S in phases). On AMD Zen 3
@@ -1932,7 +1950,8 @@ channel_blocks nchw_blocks(const kernel_table& k, const plan& p, int nt, int arr
   // +3..+17% (session 24). Larger channels (the backward of
   // 128x64x112x112, 12.5 MiB of x and dy) take the phases.
   int64_t fit = planes ? cache_bytes() / (8 * nt) / per_channel : l2_bytes() / 4 / per_channel;
-  if (fit == 0 && !planes && per_channel <= l2_bytes() / 2) fit = 1;
+  if (fit == 0 && !planes && per_channel <= l2_bytes() * std::min<int64_t>(l2_ways(), 16) / 16)
+    fit = 1;
   if (fit == 0) fit = cache_bytes() / (4 * nt) / per_channel;
   if (fit == 0 && per_channel <= cache_bytes() / (2 * nt)) fit = 1;
   if (fit == 0) return {};
