@@ -696,9 +696,8 @@ int64_t nhwc_part(const plan& p, const nhwc_item& it, int64_t ch, region* r) {
 // moments, shift: c floats of scratch. Each chunk
 // after the first of the slice is reduced around the previous chunk's means
 // (a single pass when they are close, see moments_nhwc). The first chunk of
-// a slice other than the first is reduced around `pilot` (if not null): the
-// means of the tensor's first chunk, which the item of slice 0 writes to
-// pilot_out (if not null). A tensor of few chunks has one chunk per slice
+// a slice is reduced around `pilot` (if not null): the one-pass means of the
+// tensor's first chunk (nhwc_pilot). A tensor of few chunks has one chunk per slice
 // (at most kMaxSlices slices), and every chunk took two passes: bnorm_moments
 // 32x256x14x14 (25 chunks) ran at a third of a read's speed in cache. The
 // shifts depend only on the shape's chunks, so results stay independent of
@@ -706,14 +705,13 @@ int64_t nhwc_part(const plan& p, const nhwc_item& it, int64_t ch, region* r) {
 class moments_walk {
  public:
   moments_walk(const plan& p, const nhwc_item& it, partial* acc, moments* chunk, float* shift,
-               const float* pilot, float* pilot_out)
+               const float* pilot)
       : p_(p),
         it_(it),
         acc_(acc),
         chunk_(chunk),
         shift_(shift),
-        first_shift_(it.slice > 0 && pilot ? pilot + it.c0 : nullptr),
-        pilot_out_(pilot_out),
+        first_shift_(pilot ? pilot + it.c0 : nullptr),
         ch_(slice_begin(p, it.slice)) {}
   bool done() const { return ch_ == slice_begin(p_, it_.slice + 1); }
   // The next chunk's region (r), its offset in the tensor and its shift.
@@ -730,8 +728,6 @@ class moments_walk {
     } else {
       merge_same_count(acc_ + it_.c0, chunk_ + it_.c0, r.cols, static_cast<double>(r.rows));
     }
-    if (ch_ == 0 && pilot_out_)
-      for (int64_t j = it_.c0; j < it_.c1; ++j) pilot_out_[j] = static_cast<float>(chunk_[j].mean);
     ++ch_;
     if (!done())  // the shift of the next chunk
       for (int64_t j = it_.c0; j < it_.c1; ++j) shift_[j] = static_cast<float>(chunk_[j].mean);
@@ -746,7 +742,6 @@ class moments_walk {
   moments* chunk_;
   float* shift_;
   const float* first_shift_;
-  float* pilot_out_;
   int64_t ch_;
 };
 
@@ -1446,25 +1441,29 @@ bool reduction_phase(const kernel_table& k, const plan& p, int nt, int64_t resul
 }
 
 // NHWC tensors of at least this many slices reduce the first chunk of every
-// slice but the first around the pilot (nhwc_item_moments). A thread
-// without slice 0 pays two passes over the first chunk for its pilot and
-// saves a pass per slice: on two threads, k slices each, 2 + k passes
-// instead of 2k, a gain from k = 3 on (forward training 8x512x7x7, 2
-// slices, -35%, and 1x512x28x28, 4 slices, -17%, without the pilot and with
-// equal chunks, session 8). The choice depends on the shape alone, so results
-// stay independent of the thread count.
+// slice around the pilot (nhwc_item_moments). Every thread pays a pass over
+// the first chunk for its pilot and saves a pass per slice: on two threads,
+// k slices each, 1 + k passes instead of 2k. Until session 29 the pilot was
+// the two-pass means of the first chunk, which slice 0's thread had from
+// its own reduction and any other thread paid two passes for (2 + k against
+// 1 + k for slice 0's); one pass for every thread, on Zen 5 (bnorm_ab both
+// orders twice): bnorm_moments 32x512x7x7 -12..-14%, 8x256x14x14 and
+// 32x256x14x14 -3..-6%; forward training 8x256x14x14 and 32x512x7x7
+// -5..-8%, 8x128x28x28 -0..-2%. (Forward training 8x512x7x7, 2 slices, -35%, and
+// 1x512x28x28, 4 slices, -17%, without the pilot and with equal chunks,
+// session 8.) The choice depends on the shape alone, so results stay
+// independent of the thread count.
 constexpr int64_t kPilotSlices = 6;
 bool piloted(const plan& p) { return p.slices >= kPilotSlices; }
 
-// NHWC: the means of the tensor's first chunk in the columns [c0, c1) (the
-// pilot of nhwc_item_moments), into pilot[c0, c1); first: c moments of
-// scratch.
+// NHWC: the one-pass means (kernel_table::nhwc_means) of the tensor's first
+// chunk in the columns [c0, c1), the pilot of nhwc_item_moments, into
+// pilot[c0, c1).
 void nhwc_pilot(const kernel_table& k, const plan& p, const float* x, int64_t c0, int64_t c1,
-                moments* first, float* pilot) {
+                float* pilot) {
   region r;
   const int64_t at = nhwc_part(p, nhwc_item{0, c0, c1}, 0, &r);
-  k.moments_nhwc(x + at, r, nullptr, far(p), first + c0);
-  for (int64_t j = c0; j < c1; ++j) pilot[j] = static_cast<float>(first[j].mean);
+  k.nhwc_means(x + at, r, pilot + c0);
 }
 
 // NCHW channels reduced chunk row by chunk row (nchw_one_slice) whose
@@ -1499,9 +1498,7 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
   // when its chunks are reduced chunk row by chunk row.
   buffer<float> around;
   if (nchw_one_slice(p) && !(around = allocate<float>(p.c))) return false;
-  // NHWC: each thread's pilot (work(t) + c) holds the columns held[2t, 2t+1):
-  // from its item of slice 0, else computed by the thread itself (two passes
-  // over the first chunk, as slice 0's thread does).
+  // NHWC: each thread's pilot (work(t) + c) holds the columns held[2t, 2t+1).
   auto held = allocate<int64_t>(2 * nt);
   if (!held) return false;
   const bool ahead = prefetches_ahead(p, 2);  // x and y
@@ -1516,20 +1513,19 @@ bool moments_phase(const kernel_table& k, const plan& p, const float* x, int nt,
         float* const pilot = piloted(p) ? shift + p.c : nullptr;
         int64_t* const cols = held.get() + 2 * t;
         auto walk = [&](const nhwc_item& it, int second) {
-          if (pilot && it.slice > 0 && !(cols[0] == it.c0 && cols[1] == it.c1))
-            nhwc_pilot(k, p, x, it.c0, it.c1, chunk, pilot);
+          if (pilot && !(cols[0] == it.c0 && cols[1] == it.c1))
+            nhwc_pilot(k, p, x, it.c0, it.c1, pilot);
           cols[0] = it.c0;
           cols[1] = it.c1;
           return moments_walk(p, it, part + it.slice * p.c, chunk + second * p.c,
-                              shift + second * 2 * p.c, pilot, it.slice == 0 ? pilot : nullptr);
+                              shift + second * 2 * p.c, pilot);
         };
-        // Beyond the cache, items two at a time (moments_nhwc_pair); slice
-        // 0 alone, as its first chunk gives the pilot of the others.
+        // Beyond the cache, items two at a time (moments_nhwc_pair).
         const bool pairs = far(p) && work.blocks == 1;
         for (int64_t i = r.begin; i < r.end;) {
           const nhwc_item a = work.item(i);
           moments_walk wa = walk(a, 0);
-          if (!pairs || a.slice == 0 || i + 1 == r.end) {
+          if (!pairs || i + 1 == r.end) {
             nhwc_item_moments(k, p, x, wa);
             ++i;
             continue;
@@ -1839,7 +1835,7 @@ struct nhwc_columns {
   // result). Returns them, indexed by channel.
   const partial* reduce(const kernel_table& k, const float* x, int64_t c0, int64_t c1) {
     auto item = [&](int64_t s, partial* out) {
-      moments_walk w(p, nhwc_item{s, c0, c1}, out, chunk.get(), work.get(), nullptr, nullptr);
+      moments_walk w(p, nhwc_item{s, c0, c1}, out, chunk.get(), work.get(), nullptr);
       nhwc_item_moments(k, p, x, w);
     };
     if (p.slices == 1) {

@@ -144,6 +144,9 @@ struct kernel_table {
   void (*moments_nhwc_pair)(const float* xa, region ra, const float* shift_a, moments* out_a,
                             const float* xb, region rb, const float* shift_b, moments* out_b,
                             bool far);
+  // The first of the two passes' means of every channel of an NHWC region
+  // (mean[j], j < r.cols): the NHWC pilot (batchnorm.cpp).
+  void (*nhwc_means)(const float* x, region r, float* mean);
 
   // scale[j] = gamma[j] / sqrt(var[j] + eps) (gamma null: 1) for j < n, a
   // vector of channels at a time (correctly rounded IEEE operations: the

@@ -672,26 +672,51 @@ void moments_rows_shifted(const float* x, region r, int64_t c0, int64_t c1, cons
   shifted_groups<A>(x, r, c0, c1, shift, s1, s2, out);
 }
 
+// The first pass of the two for the channels [c0, c1), c1 - c0 <=
+// kWideBlock a multiple of W, rows in memory order: m[j - c0] = x0 + s / n,
+// x0 the first row's value and s the sum of x - x0 over the n rows, a lane
+// per channel in row order; s: kWideBlock floats of scratch.
+template <class A, int U = 4>
+void row_means(const float* x, region r, int64_t c0, int64_t c1, float* s, float* m) {
+  using V = simd::vfloat<A>;
+  constexpr int64_t W = V::size;
+  const V n(static_cast<float>(r.rows));
+  for (int64_t j = 0; j < c1 - c0; j += W) V(0.f).store_aligned(s + j);
+  stream_rows<A, U>(r, c0, c1, [&](int64_t i, int64_t j, auto rows) {
+    const V x0 = V::load_unaligned(x + j);
+    V t = V::load_aligned(s + (j - c0));
+    for (int u = 0; u < decltype(rows)::value; ++u)
+      t += V::load_unaligned(x + (i + u) * r.stride + j) - x0;
+    t.store_aligned(s + (j - c0));
+  });
+  for (int64_t j = 0; j < c1 - c0; j += W)
+    (V::load_unaligned(x + c0 + j) + V::load_aligned(s + j) / n).store_unaligned(m + j);
+}
+
 // moments_columns (two passes) for the channels [c0, c1), c1 - c0 <= kWideBlock a
 // multiple of W, rows in memory order.
 template <class A, int U = 4>
 void moments_rows(const float* x, region r, int64_t c0, int64_t c1, moments* out) {
-  using V = simd::vfloat<A>;
-  constexpr int64_t W = V::size;
-  const V n(static_cast<float>(r.rows));
   alignas(64) float m[kWideBlock], s1[kWideBlock], s2[kWideBlock];
-  for (int64_t j = 0; j < c1 - c0; j += W) V(0.f).store_aligned(s1 + j);
-  stream_rows<A, U>(r, c0, c1, [&](int64_t i, int64_t j, auto rows) {
-    const V x0 = V::load_unaligned(x + j);
-    V s = V::load_aligned(s1 + (j - c0));
-    for (int u = 0; u < decltype(rows)::value; ++u)
-      s += V::load_unaligned(x + (i + u) * r.stride + j) - x0;
-    s.store_aligned(s1 + (j - c0));
-  });
-  for (int64_t j = 0; j < c1 - c0; j += W)
-    (V::load_unaligned(x + c0 + j) + V::load_aligned(s1 + j) / n).store_aligned(m + j);
+  row_means<A, U>(x, r, c0, c1, s1, m);
   deviation_rows<A, U>(x, r, c0, c1, m, s1, s2);
   two_pass_moments<A>(x, r, c0, c1 - c0, m, s1, s2, out);
+}
+
+// kernel_table::nhwc_means: row_means for every channel of r, the tail
+// channels (C % W) in scalar with the same operations.
+template <class A>
+void nhwc_means(const float* x, region r, float* mean) {
+  constexpr int64_t W = simd::vfloat<A>::size;
+  const int64_t end = r.cols / W * W;
+  alignas(64) float s[kWideBlock];
+  for (int64_t c0 = 0; c0 < end; c0 += kWideBlock)
+    row_means<A>(x, r, c0, std::min(end, c0 + kWideBlock), s, mean + c0);
+  for (int64_t j = end; j < r.cols; ++j) {
+    float t = 0.f;
+    for (int64_t i = 0; i < r.rows; ++i) t += x[i * r.stride + j] - x[j];
+    mean[j] = x[j] + t / static_cast<float>(r.rows);
+  }
 }
 
 // kernel_table::plane_deviations: deviation_rows, four rows at a time.
@@ -2232,6 +2257,7 @@ kernel_table make_kernel_table(const char* isa) {
           moments_nchw_group<A>,
           moments_nhwc<A>,
           moments_nhwc_pair<A>,
+          nhwc_means<A>,
           scale<A>,
           finish<A>,
           normalize_nchw<A>,
