@@ -497,8 +497,11 @@ TEST(Robustness, DeterministicAcrossThreadCounts) {
   const int threads[] = {1, 2, 3, 4, 7, 16, 64};
   struct {
     int64_t n, c, s;
-  } shapes[] = {{1, 3, (1 << 18) + 7}, {2, 1, 300007}, {2, 1031, 17}, {3, 5, 33},   {997, 3, 1},
-                {3, 1500, 23},         {5, 333, 113},  {66, 70, 49},  {300, 64, 3}, {300, 64, 9}};
+  } shapes[] = {
+      // {12, 128, 169}: in NHWC 8 slices around the pilot, rows of 128 channels (one group).
+      {1, 3, (1 << 18) + 7}, {2, 1, 300007}, {2, 1031, 17}, {3, 5, 33},
+      {997, 3, 1},           {3, 1500, 23},  {5, 333, 113}, {66, 70, 49},
+      {300, 64, 3},          {300, 64, 9},   {12, 128, 169}};
   std::printf("bnorm_isa() = %s\n", bnorm_isa());
   int k = 0;
   for (bnorm_layout layout : kLayouts)
