@@ -703,8 +703,15 @@ void moments_rows(const float* x, region r, int64_t c0, int64_t c1, moments* out
   two_pass_moments<A>(x, r, c0, c1 - c0, m, s1, s2, out);
 }
 
+// row_means of column j alone, in scalar: the same operations as its lane.
+inline float lane_mean(const float* x, region r, int64_t j) {
+  float s = 0.f;
+  for (int64_t i = 0; i < r.rows; ++i) s += x[i * r.stride + j] - x[j];
+  return x[j] + s / static_cast<float>(r.rows);
+}
+
 // kernel_table::nhwc_means: row_means for every channel of r, the tail
-// channels (C % W) in scalar with the same operations.
+// channels (C % W) by lane_mean.
 template <class A>
 void nhwc_means(const float* x, region r, float* mean) {
   constexpr int64_t W = simd::vfloat<A>::size;
@@ -712,11 +719,7 @@ void nhwc_means(const float* x, region r, float* mean) {
   alignas(64) float s[kWideBlock];
   for (int64_t c0 = 0; c0 < end; c0 += kWideBlock)
     row_means<A>(x, r, c0, std::min(end, c0 + kWideBlock), s, mean + c0);
-  for (int64_t j = end; j < r.cols; ++j) {
-    float t = 0.f;
-    for (int64_t i = 0; i < r.rows; ++i) t += x[i * r.stride + j] - x[j];
-    mean[j] = x[j] + t / static_cast<float>(r.rows);
-  }
+  for (int64_t j = end; j < r.cols; ++j) mean[j] = lane_mean(x, r, j);
 }
 
 // kernel_table::plane_deviations: deviation_rows, four rows at a time.
@@ -728,6 +731,10 @@ void plane_deviations(const float* x, region r, const float* center, float* s1, 
 template <class A>
 void moments_nhwc(const float* x, region r, const float* shift, bool far, moments* out) {
   constexpr int64_t W = simd::vfloat<A>::size;
+  if (one_group_rows<A>(r)) {
+    if constexpr (W == 16) moments_columns<A, 8>(x, r, 0, shift, out);
+    return;
+  }
   int64_t j = 0;
   // Rows of kOneRowFrom to kStreamBlock channels of tensors larger than the
   // cache: one row after the other, as the backward sums do
@@ -752,10 +759,6 @@ void moments_nhwc(const float* x, region r, const float* shift, bool far, moment
     }
     j = end;
   };
-  if (one_group_rows<A>(r)) {
-    if constexpr (W == 16) moments_columns<A, 8>(x, r, 0, shift, out);
-    return;
-  }
   if (far && r.stride >= kOneRowFrom && r.stride <= kStreamBlock)
     in_rows(std::integral_constant<int, 1>{});
   else if (r.stride >= kStreamRowsVectors * W)
@@ -764,10 +767,7 @@ void moments_nhwc(const float* x, region r, const float* shift, bool far, moment
   for (; j + W <= r.cols; j += W) moments_columns<A, 1>(x, r, j, shift, out);
   // Tail channels: the same operations as one vector lane, in scalar.
   for (; j < r.cols; ++j) {
-    const float x0 = x[j];
-    float s = 0.f;
-    for (int64_t i = 0; i < r.rows; ++i) s += x[i * r.stride + j] - x0;
-    const float m = x0 + s / static_cast<float>(r.rows);
+    const float m = lane_mean(x, r, j);
     float d1 = 0.f, d2 = 0.f;
     for (int64_t i = 0; i < r.rows; ++i) {
       const float d = x[i * r.stride + j] - m;
