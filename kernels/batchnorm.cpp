@@ -395,34 +395,48 @@ int64_t sysfs_cache_bytes(int level) {
   return best;
 }
 
-// Without sysfs, glibc's sysconf reads the L3 from CPUID, where a hypervisor
-// may put its host's total instead of what the guest's CPUs share: this
-// project's KVM machine (AMD EPYC Zen 5, 2 CPUs, no cache directory in
-// sysfs) reports 508 MiB; memory reads slow down past 16-32 MiB, the
-// core complex's L3. So sysconf's figure is taken as at most 16 MiB per
-// online CPU: no x86 part sold in volume has more L3 per core (AMD's 96 MiB
-// 3D V-Cache over 6 cores; Intel 2-5 MiB). A few server parts with one or two
-// cores per 32-96 MiB complex have more, and only lose cache when sysfs is
-// missing; BNORM_CACHE_BYTES sets the size outright.
+// A hypervisor may report its host's whole L3 instead of what the guest's
+// CPUs can count on: glibc's sysconf (from CPUID) said 508 MiB on this
+// project's AMD EPYC Zen 5 machine (2 CPUs of a 32 MiB core complex), and on
+// its Intel Xeon machine (family 6 model 207, 2 CPUs) sysfs and CPUID both say
+// 260 MiB, the L3 of the whole socket, shared with the host's other cores
+// and guests. No x86 part sold in volume has more than 16 MiB of L3 per core
+// (AMD's 96 MiB 3D V-Cache over 6 cores; Intel 2-5 MiB), so a larger figure
+// per online CPU is taken as the host's, and the cache as 16 MiB per CPU. A
+// few server parts with one or two cores per 32-96 MiB complex have more, and
+// lose that cache here; BNORM_CACHE_BYTES sets the size outright.
 constexpr int64_t kMaxCachePerCpu = int64_t{16} << 20;
 
-// The last-level cache, or BNORM_CACHE_BYTES when that is a positive number
-// of bytes: the tests set it small to take the paths of tensors larger than
-// the cache (streaming stores, fused NCHW blocks) with small tensors, and a
-// user can correct a size that sysfs gets wrong.
+int64_t online_cpus() { return std::max<long>(1, sysconf(_SC_NPROCESSORS_ONLN)); }
+
+// The L3 as reported (sysfs, else sysconf's L3, else its L2, else 1 MiB).
+int64_t reported_cache_bytes() {
+  const int64_t sysfs = sysfs_cache_bytes(0);
+  if (sysfs > 0) return sysfs;
+  const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE), l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  return l3 > 0 ? l3 : l2 > 0 ? l2 : 1 << 20;
+}
+
+// BNORM_CACHE_BYTES when it is a positive number of bytes, else 0.
+int64_t cache_bytes_from_env() {
+  const char* env = std::getenv("BNORM_CACHE_BYTES");
+  if (!env) return 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  return end != env && *end == '\0' && v > 0 ? static_cast<int64_t>(v) : 0;
+}
+
+// The reported L3 is the host's (see kMaxCachePerCpu).
+bool hosts_cache() { return reported_cache_bytes() > kMaxCachePerCpu * online_cpus(); }
+
+// The last-level cache, or BNORM_CACHE_BYTES: the tests set it small to take
+// the paths of tensors larger than the cache (streaming stores, fused NCHW
+// blocks) with small tensors, and a user can correct a size that the machine
+// gets wrong.
 int64_t cache_bytes() {
   static const int64_t bytes = [] {
-    if (const char* env = std::getenv("BNORM_CACHE_BYTES")) {
-      char* end = nullptr;
-      const long long v = std::strtoll(env, &end, 10);
-      if (end != env && *end == '\0' && v > 0) return static_cast<int64_t>(v);
-    }
-    const int64_t sysfs = sysfs_cache_bytes(0);
-    if (sysfs > 0) return sysfs;
-    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE), l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    const int64_t reported = l3 > 0 ? l3 : l2 > 0 ? l2 : 1 << 20;
-    const int64_t cpus = std::max<long>(1, sysconf(_SC_NPROCESSORS_ONLN));
-    return std::min(reported, kMaxCachePerCpu * cpus);
+    if (const int64_t env = cache_bytes_from_env()) return env;
+    return std::min(reported_cache_bytes(), kMaxCachePerCpu * online_cpus());
   }();
   return bytes;
 }
@@ -460,12 +474,27 @@ constexpr int64_t kPageFloats = 1024;
 
 // Non-temporal stores pay off only when the data cannot stay in cache:
 // then they skip the read-for-ownership of every output line and leave the
-// cache to the inputs. In cache, ordinary stores are faster.
-bool stream_for(int64_t bytes) { return bytes > cache_bytes(); }
+// cache to the inputs. In cache, ordinary stores are faster. Where the L3 is
+// the host's (hosts_cache), the cache that stores can count on is the cores'
+// own L2s: on the Intel Xeon machine (2 MiB L2 per core) a copy with
+// ordinary stores ran at 50 GB/s against 67 GB/s with streaming ones at
+// 4 MiB, 26 against 62 at 64 MiB; forward inference (bnorm_bench, both
+// orders twice) with streaming stores from 4 MiB of data read and written on:
+// 1x256x56x56 -15..-20%, 8x64x56x56 -10..-15%, 128x512x7x7 -15..-30%, and
+// 32x64x112x112 -60% against streaming from 260 MiB.
+int64_t stream_bytes() {
+  static const int64_t bytes = [] {
+    if (const int64_t env = cache_bytes_from_env()) return env;
+    return hosts_cache() ? l2_bytes() * online_cpus() : cache_bytes();
+  }();
+  return bytes;
+}
+
+bool stream_for(int64_t bytes) { return bytes > stream_bytes(); }
 
 // `arrays` tensors of p's size do not fit in the cache together.
 bool exceeds_cache(const plan& p, int arrays) {
-  return stream_for(arrays * p.count * p.c * static_cast<int64_t>(sizeof(float)));
+  return arrays * p.count * p.c * static_cast<int64_t>(sizeof(float)) > cache_bytes();
 }
 
 // The NHWC reductions' `far`: the tensor alone does not fit in the cache,
