@@ -478,10 +478,13 @@ constexpr int64_t kPageFloats = 1024;
 // the host's (hosts_cache), the cache that stores can count on is the cores'
 // own L2s: on the Intel Xeon machine (2 MiB L2 per core) a copy with
 // ordinary stores ran at 50 GB/s against 67 GB/s with streaming ones at
-// 4 MiB, 26 against 62 at 64 MiB; forward inference (bnorm_bench, both
-// orders twice) with streaming stores from 4 MiB of data read and written on:
-// 1x256x56x56 -15..-20%, 8x64x56x56 -10..-15%, 128x512x7x7 -15..-30%, and
-// 32x64x112x112 -60% against streaming from 260 MiB.
+// 4 MiB, 26 against 62 at 64 MiB. Forward inference with streaming stores
+// from 4 MiB of data read and written on, against streaming from 260 MiB
+// (bnorm_ab both orders twice, session 30): NHWC 1x256x56x56 -21..-24%,
+// 8x64x56x56 -13..-23%, 32x128x28x28 -14..-20%, 8x256x14x14 (3.2 MB) even;
+// NCHW 32x64x112x112 -41% (one round). With the L2s and the L3 as one 4 MiB
+// cache for the blocks and reductions too, the backward and training took
+// up to 1.3x longer: the L3 still serves their second reads.
 int64_t stream_bytes() {
   static const int64_t bytes = [] {
     if (const int64_t env = cache_bytes_from_env()) return env;

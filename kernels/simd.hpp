@@ -315,9 +315,10 @@ inline uint32_t to_bits(vmask<A> m) {
 // L1 1.8 times as long as without (a bare loop; 1.2 times this way).
 //
 // AVX-512: the four 16-bit masks side by side, for one 8-byte store. A
-// 2-byte store of each vector's bits took a normalize with the mask 1.35
-// times as long as without it on the Intel Xeon machine (a bare loop of
-// NHWC rows of 256 channels, 1.6 MB, one thread; 1.03 times this way).
+// 2-byte store of each vector's bits took a normalize with the mask
+// 1.30-1.35 times as long as without it on the Intel Xeon machine (a bare
+// loop of NHWC rows of 256 channels, 1.6 MB, one thread; 1.03-1.05 times
+// this way).
 template <class A>
 using quad_bits = std::conditional_t<is_avx512<A>, uint64_t, uint32_t>;
 
