@@ -327,7 +327,7 @@ inline quad_bits<A> to_bits4(const vmask<A>* m) {
   if constexpr (is_avx512<A>) {
     uint64_t bits = 0;
     for (int u = 0; u < 4; ++u)
-      bits |= uint64_t{static_cast<uint16_t>(static_cast<__mmask16>(m[u]))} << (16 * u);
+      bits |= uint64_t{to_bits<A>(m[u])} << (16 * u);
     return bits;
   } else {
     static_assert(is_avx<A>, "AVX2 or AVX-512");
